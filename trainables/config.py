@@ -1,0 +1,354 @@
+"""The run configuration: one validated, frozen object per training run.
+
+Parsed once at the edge (`load_config`), passed down, never written to. Values only known at run time
+(class counts, the resolved device) live in the loop's state, not here. Every choice between variants is a
+`Literal` whose values are the keys of the matching registry, so a typo in YAML fails validation with the list of
+valid names.
+"""
+
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+DatasetName = Literal["synthetic", "cifar10", "cifar100", "stl10", "imagefolder"]
+ArchName = Literal["wrn", "resnet18", "resnet34", "resnet50"]
+PresetName = Literal[
+    "fixmatch",
+    "fixmatch_la",
+    "fixmatch_daso",
+    "fixmatch_drw",
+    "fixmatch_la_daso",
+    "fixmatch_la_drw",
+    "fixmatch_daso_drw",
+]
+PseudoLabelName = Literal["none", "daso"]
+LabeledLossName = Literal["none", "class_balanced", "logit_adjustment"]
+UnlabeledWeightName = Literal["none", "drw"]
+
+# preset -> (pseudo-label transform, labeled-loss weighting, unlabeled-loss weighting)
+PRESETS: dict[str, tuple[PseudoLabelName, LabeledLossName, UnlabeledWeightName]] = {
+    "fixmatch": ("none", "none", "none"),
+    "fixmatch_la": ("none", "logit_adjustment", "none"),
+    "fixmatch_daso": ("daso", "none", "none"),
+    "fixmatch_drw": ("none", "class_balanced", "drw"),
+    "fixmatch_la_daso": ("daso", "logit_adjustment", "none"),
+    "fixmatch_la_drw": ("none", "logit_adjustment", "drw"),
+    "fixmatch_daso_drw": ("daso", "class_balanced", "drw"),
+}
+
+
+class SyntheticConfig(Frozen):
+    """The deterministic synthetic long-tailed image set (see trainables/data/synthetic.py)."""
+
+    num_classes: int = Field(10, ge=2, le=200)
+    image_size: int = Field(32, ge=16, le=96)
+    pool_per_class: int = Field(2000, ge=10, description="train images generated per class before the carve-out")
+    test_per_class: int = Field(100, ge=1)
+
+
+class ImageFolderConfig(Frozen):
+    """Users' own data in the Semi-Aves layout: list files of `relative/path.jpg label` lines under `root`."""
+
+    root: str
+    labeled_list: str
+    unlabeled_lists: list[str] = Field(min_length=1, description="in-class and out-of-class unlabeled lists")
+    val_list: str
+    test_list: str
+    image_size: int = Field(224, ge=16, le=512)
+
+
+class DataConfig(Frozen):
+    dataset: DatasetName = "synthetic"
+    root: str = "data"
+    download: bool = True
+    n1: int = Field(1500, ge=1, description="labeled images of the most frequent class")
+    m1: int = Field(3000, ge=0, description="unlabeled images of the most frequent (unlabeled) class")
+    gamma_l: float = Field(100.0, ge=1.0, description="labeled imbalance ratio N1 / N_C")
+    gamma_u: float | Literal["reversed"] | None = Field(
+        None, description="unlabeled imbalance ratio: a number >= 1 (1 = uniform), 'reversed', or null = gamma_l"
+    )
+    val_size: int | None = Field(
+        None, ge=0, description="class-balanced validation carve-out; null = dataset default (CIFAR 5000, STL-10 500)"
+    )
+    seed: int = Field(0, description="data seed: the split is a pure function of it")
+    resident: Literal["auto", "device", "host"] = Field(
+        "auto", description="keep the uint8 training set on the training device (auto: yes on CUDA)"
+    )
+    synthetic: SyntheticConfig = SyntheticConfig()
+    imagefolder: ImageFolderConfig | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if isinstance(self.gamma_u, float) and self.gamma_u < 1.0:
+            raise ValueError(
+                f"gamma_u={self.gamma_u} is below 1; use a number >= 1 (1 = uniform) or 'reversed' for the "
+                "reversed profile"
+            )
+        if self.dataset == "imagefolder" and self.imagefolder is None:
+            raise ValueError("dataset 'imagefolder' needs an 'imagefolder' section (root, list files)")
+        if self.dataset != "imagefolder" and self.imagefolder is not None:
+            raise ValueError(f"the 'imagefolder' section belongs to dataset 'imagefolder', not {self.dataset!r}")
+        return self
+
+    @property
+    def gamma_u_resolved(self) -> float | Literal["reversed"]:
+        return self.gamma_l if self.gamma_u is None else self.gamma_u
+
+
+class ModelConfig(Frozen):
+    arch: ArchName = "wrn"
+    depth: int = Field(28, ge=10, description="WRN depth; (depth - 4) must be divisible by 6")
+    widen: int = Field(2, ge=1, description="WRN widening factor (2: WRN-28-2, 8: WRN-28-8)")
+    bn_momentum: float = Field(0.001, gt=0, le=1, description="FixMatch's BatchNorm momentum")
+    leaky_slope: float = Field(0.1, ge=0)
+    pretrained: bool = Field(False, description="torchvision ImageNet weights for resnet archs (needs network)")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.arch == "wrn" and (self.depth - 4) % 6 != 0:
+            raise ValueError(f"depth={self.depth}: WRN depth must satisfy (depth - 4) % 6 == 0, e.g. 10, 16, 22, 28")
+        return self
+
+
+class OptimConfig(Frozen):
+    lr: float = Field(0.03, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="constant (DASO reference) or FixMatch's lr * cos(7 pi k / (16 K))"
+    )
+    cosine_fraction: float = Field(7 / 16, gt=0, le=0.5, description="the 7/16 of FixMatch's cosine")
+
+
+class TrainConfig(Frozen):
+    iterations: int = Field(250_000, ge=1)
+    batch_size: int = Field(64, ge=1, description="labeled batch B")
+    mu: int = Field(2, ge=1, description="unlabeled batch = mu * B")
+    tau: float = Field(0.95, gt=0, le=1, description="confidence threshold")
+    lambda_u: float = Field(1.0, ge=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    eval_every: int = Field(500, ge=1)
+    checkpoint_every: int | None = Field(None, ge=1, description="null = every evaluation")
+    eval_batch_size: int = Field(512, ge=1)
+    seed: int = Field(0, description="training seed (init, data order, augmentation)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on CUDA")
+    channels_last: bool | None = Field(None, description="null: on for CUDA")
+    compile: bool = False
+    deterministic: bool = Field(False, description="torch deterministic algorithms (slower)")
+
+
+class DasoConfig(Frozen):
+    t_proto: float = Field(0.05, gt=0, description="temperature of the semantic pseudo-label")
+    t_dist: float | Literal["auto"] = Field(
+        "auto", description="blending temperature; auto: 1.5 if CIFAR-10-like and gamma_l == gamma_u, else 0.3"
+    )
+    lambda_align: float = Field(1.0, ge=0)
+    queue_len: int = Field(256, ge=1, description="per-class feature queue length L")
+    window: int = Field(100, ge=1, description="iterations per pseudo-label histogram window")
+    warmup: int = Field(5000, ge=0, description="iterations with the linear pseudo-label only, no alignment loss")
+    const_v: float | None = Field(None, ge=0, le=1, description="ablation: a constant blending weight v")
+
+    @model_validator(mode="after")
+    def _check(self) -> DasoConfig:
+        if isinstance(self.t_dist, float) and self.t_dist <= 0:
+            raise ValueError(f"t_dist={self.t_dist} must be > 0 or 'auto'")
+        return self
+
+
+class DrwConfig(Frozen):
+    beta: float = Field(0.999, ge=0, lt=1, description="effective-number beta; 0 = no re-weighting")
+    start: int = Field(0, ge=0, description="iteration at which the dynamic unlabeled weights switch on")
+    count: Literal["window", "ema_pass"] = Field(
+        "window", description="pseudo-label counts from a running window of batches, or an EMA-model pass"
+    )
+    window: int = Field(500, ge=1, description="batches in the running window (count=window)")
+    pass_every: int = Field(500, ge=1, description="iterations between EMA passes over the unlabeled set")
+
+
+class LaConfig(Frozen):
+    tau: float = Field(1.0, ge=0, description="train-time logit adjustment strength tau_la")
+
+
+class MethodConfig(Frozen):
+    preset: PresetName = "fixmatch"
+    daso: DasoConfig | None = None
+    drw: DrwConfig | None = None
+    la: LaConfig | None = None
+    posthoc_la_tau: float = Field(1.0, ge=0, description="tau of the post-hoc LA reported as val/top1_la")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_blocks(cls, data: Any) -> Any:
+        """Give the preset's own blocks their defaults; refuse blocks that belong to another method."""
+        if not isinstance(data, dict):
+            return data
+        preset = data.get("preset", "fixmatch")
+        if preset not in PRESETS:
+            return data  # the Literal check reports it with the valid names
+        pseudo, labeled, unlabeled = PRESETS[preset]
+        uses = {
+            "daso": pseudo == "daso",
+            "drw": labeled == "class_balanced" or unlabeled == "drw",
+            "la": labeled == "logit_adjustment",
+        }
+        out = dict(data)
+        for block, used in uses.items():
+            if used and out.get(block) is None:
+                out[block] = {}
+            elif not used and out.get(block) is not None:
+                owners = [p for p in PRESETS if _preset_uses(p, block)]
+                raise ValueError(
+                    f"'{block}' parameters do not belong to preset {preset!r}; presets that use them: "
+                    + ", ".join(owners)
+                )
+        return out
+
+    @property
+    def components(self) -> tuple[PseudoLabelName, LabeledLossName, UnlabeledWeightName]:
+        return PRESETS[self.preset]
+
+
+def _preset_uses(preset: str, block: str) -> bool:
+    pseudo, labeled, unlabeled = PRESETS[preset]
+    return {
+        "daso": pseudo == "daso",
+        "drw": labeled == "class_balanced" or unlabeled == "drw",
+        "la": labeled == "logit_adjustment",
+    }[block]
+
+
+class RunConfig(Frozen):
+    name: str = "run"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    method: MethodConfig = MethodConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.data.dataset == "imagefolder" and self.model.arch == "wrn" and self.data.imagefolder.image_size > 96:
+            raise ValueError("model.arch 'wrn' is for 32-96 px images; use resnet18/34/50 for image-folder data")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading, overrides and readable errors
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased for the user (file, field, value, what is valid)."""
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`["train.iterations=100", "method.preset=fixmatch_daso"]` -> nested dict; values parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r}: expected key=value, e.g. train.iterations=1000")
+        value = yaml.safe_load(raw) if raw.strip() else None
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {pair!r}: {part!r} is set both as a value and as a section")
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    raw = read_yaml(path) if path is not None else {}
+    raw = deep_merge(raw, parse_overrides(overrides or []))
+    return validate(RunConfig, raw, source=str(path) if path else "<defaults>")
+
+
+def validate(model: type[BaseModel], raw: dict[str, Any], source: str) -> Any:
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, model, source)) from None
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel], source: str) -> str:
+    """One line per problem: `source: field.path: message (got value); valid: ...`."""
+    lines = [f"{source}: {err.error_count()} invalid field(s)"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not _is_union_tag(p)) or "<top level>"
+        msg = e["msg"].removeprefix("Value error, ")
+        line = f"  {loc}: {msg}"
+        if e["type"] != "missing" and "input" in e and not isinstance(e["input"], dict):
+            line += f" (got {e['input']!r})"
+        if e["type"] == "extra_forbidden":
+            known = _fields_at(model, e["loc"][:-1])
+            if known:
+                line += "; valid fields here: " + ", ".join(known)
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic names the union member it tried (e.g. 'float', "literal['reversed']") inside the loc
+    return isinstance(part, str) and (part in {"float", "int", "str", "bool", "none"} or part.startswith("literal["))
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    current: Any = model
+    for part in loc:
+        if _is_union_tag(part) or isinstance(part, int):
+            continue
+        fields = getattr(current, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        current = _model_in(fields[part].annotation)
+        if current is None:
+            return []
+    return sorted(getattr(current, "model_fields", {}))
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,146 @@
+"""How a method plugs into the FixMatch loop: three small components chosen by name.
+
+A method is (pseudo-label transform, labeled-loss weighting, unlabeled-loss weighting). The loop calls each through
+the protocols below with explicit tensors; it never asks which method is running. Stateful components (DASO's queue
+and histogram, DRw's counts) save and restore their state with the run through `state_dict` / `load_state_dict`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from trainables.losses import labeled_ce
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """Run-time facts a component may need at build time (never the unlabeled ground truth)."""
+
+    num_classes: int
+    labeled_counts: np.ndarray  # int64 (C,)
+    feature_dim: int
+    device: torch.device
+    dataset: str
+    gamma_l: float
+    gamma_u: float | str
+
+
+@dataclass
+class PseudoLabelOutput:
+    probs: Tensor  # (U, C) final pseudo-label distribution p' (no grad); the FixMatch mask and target use it
+    loss: Tensor  # scalar extra loss already weighted (e.g. lambda_align * L_align); 0 when none
+    # hard labels (U,) of intermediate pseudo-labels for diagnostics, keyed by metric prefix, e.g. "pl_linear"
+    diagnostics: dict[str, Tensor] = field(default_factory=dict)
+    logs: dict[str, float] = field(default_factory=dict)  # scalars for train/ metrics, e.g. "train/loss_align"
+
+
+class PseudoLabelTransform(Protocol):
+    #: whether `observe` needs the EMA encoder's features of the weak labeled views (costs one extra forward)
+    needs_ema_labeled_features: bool
+
+    def __call__(self, probs_w: Tensor, feat_w: Tensor, feat_s: Tensor, step: int) -> PseudoLabelOutput:
+        """probs_w (U, C) linear pseudo-label (no grad); feat_w (U, D) weak-view features (no grad); feat_s (U, D)
+        strong-view features (with grad, for losses on the strong view)."""
+
+    def observe(self, feat_lb_ema: Tensor | None, y_lb: Tensor, pseudo_label: Tensor, step: int) -> None:
+        """After the optimiser step: labeled EMA features (B, D) with labels (B,), and the final hard
+        pseudo-labels (U,) of every unlabeled sample of the batch (confident or not)."""
+
+    def metrics(self) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class LabeledLoss(Protocol):
+    def __call__(self, logits_lb: Tensor, y_lb: Tensor) -> Tensor:
+        """logits (B, C), labels (B,) -> scalar L_s."""
+
+
+class UnlabeledWeighting(Protocol):
+    def class_weights(self, step: int) -> Tensor | None:
+        """(C,) weights multiplying each masked sample's CE by its pseudo-label's weight; None = unweighted."""
+
+    def observe(self, pseudo_label: Tensor, mask: Tensor, step: int) -> None:
+        """The batch's hard pseudo-labels (U,) and mask (U,) after the step."""
+
+    def wants_pass(self, step: int) -> bool:
+        """Whether the loop should run the EMA model over the whole unlabeled set before `step`."""
+
+    def observe_pass(self, pseudo_label: Tensor, mask: Tensor, step: int) -> None:
+        """Pseudo-labels and mask of the EMA model over the whole unlabeled set."""
+
+    def metrics(self) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class Stateless:
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"stateless component got state with keys {sorted(state)}")
+
+
+class LinearPseudoLabel(Stateless):
+    """Plain FixMatch: the linear classifier's weak-view distribution is the pseudo-label."""
+
+    needs_ema_labeled_features = False
+
+    def __call__(self, probs_w: Tensor, feat_w: Tensor, feat_s: Tensor, step: int) -> PseudoLabelOutput:
+        return PseudoLabelOutput(probs=probs_w, loss=probs_w.new_zeros(()))
+
+    def observe(self, feat_lb_ema: Tensor | None, y_lb: Tensor, pseudo_label: Tensor, step: int) -> None:
+        pass
+
+
+class PlainCE(Stateless):
+    def __call__(self, logits_lb: Tensor, y_lb: Tensor) -> Tensor:
+        return labeled_ce(logits_lb, y_lb)
+
+
+class NoWeighting(Stateless):
+    def class_weights(self, step: int) -> Tensor | None:
+        return None
+
+    def observe(self, pseudo_label: Tensor, mask: Tensor, step: int) -> None:
+        pass
+
+    def wants_pass(self, step: int) -> bool:
+        return False
+
+    def observe_pass(self, pseudo_label: Tensor, mask: Tensor, step: int) -> None:
+        pass
+
+
+@dataclass
+class Method:
+    pseudo_label: PseudoLabelTransform
+    labeled_loss: LabeledLoss
+    unlabeled_weighting: UnlabeledWeighting
+
+    def metrics(self) -> dict[str, float]:
+        return {**self.pseudo_label.metrics(), **self.unlabeled_weighting.metrics()}
+
+    def state_dict(self) -> dict:
+        return {
+            "pseudo_label": self.pseudo_label.state_dict(),
+            "unlabeled_weighting": self.unlabeled_weighting.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pseudo_label.load_state_dict(state["pseudo_label"])
+        self.unlabeled_weighting.load_state_dict(state["unlabeled_weighting"])
