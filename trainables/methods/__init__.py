@@ -15,15 +15,22 @@ from trainables.methods.base import (
     PseudoLabelTransform,
     UnlabeledWeighting,
 )
+from trainables.methods.daso import DasoPseudoLabel
+from trainables.methods.drw import ClassBalancedCE, DynamicReweighting
+from trainables.methods.la import LogitAdjustedCE
 
 PSEUDO_LABEL: dict[PseudoLabelName, Callable[[MethodConfig, MethodContext], PseudoLabelTransform]] = {
     "none": lambda cfg, ctx: LinearPseudoLabel(),
+    "daso": lambda cfg, ctx: DasoPseudoLabel.from_config(cfg.daso, ctx),
 }
 LABELED_LOSS: dict[LabeledLossName, Callable[[MethodConfig, MethodContext], LabeledLoss]] = {
     "none": lambda cfg, ctx: PlainCE(),
+    "class_balanced": lambda cfg, ctx: ClassBalancedCE.from_config(cfg.drw, ctx),
+    "logit_adjustment": lambda cfg, ctx: LogitAdjustedCE.from_config(cfg.la, ctx),
 }
 UNLABELED_WEIGHTING: dict[UnlabeledWeightName, Callable[[MethodConfig, MethodContext], UnlabeledWeighting]] = {
     "none": lambda cfg, ctx: NoWeighting(),
+    "drw": lambda cfg, ctx: DynamicReweighting.from_config(cfg.drw, ctx),
 }
 
 

@@ -1,0 +1,101 @@
+"""The run configuration: defaults, presets, and errors that name the field, the value and what is valid."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainables.config import PRESETS, ConfigError, RunConfig, load_config, parse_overrides
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_follow_the_papers():
+    cfg = RunConfig()
+    assert (cfg.train.batch_size, cfg.train.mu, cfg.train.tau, cfg.train.ema_decay) == (64, 2, 0.95, 0.999)
+    assert (cfg.optim.lr, cfg.optim.momentum, cfg.optim.nesterov, cfg.optim.weight_decay) == (0.03, 0.9, True, 5e-4)
+    assert (cfg.model.depth, cfg.model.widen, cfg.model.bn_momentum) == (28, 2, 0.001)
+
+
+def test_config_is_frozen():
+    cfg = RunConfig()
+    with pytest.raises(Exception, match="frozen"):
+        cfg.train.iterations = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_gets_exactly_its_blocks(preset):
+    m = load_config(None, [f"method.preset={preset}"]).method
+    pseudo, labeled, unlabeled = PRESETS[preset]
+    assert (m.daso is not None) == (pseudo == "daso")
+    assert (m.la is not None) == (labeled == "logit_adjustment")
+    assert (m.drw is not None) == (labeled == "class_balanced" or unlabeled == "drw")
+
+
+def test_overrides_parse_yaml_scalars_and_nest():
+    assert parse_overrides(["a.b=3", "a.c=0.5", "d=reversed", "e=true"]) == {
+        "a": {"b": 3, "c": 0.5}, "d": "reversed", "e": True}
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["method.preset=fixmatch_dsao"], ["method.preset", "'fixmatch_daso'", "got 'fixmatch_dsao'"]),
+        (["data.gama_l=3"], ["data.gama_l", "valid fields here", "gamma_l"]),
+        (["train.tau=1.5"], ["train.tau", "less than or equal to 1", "got 1.5"]),
+        (["data.gamma_u=0.01"], ["gamma_u=0.01", "'reversed'"]),
+        (["method.daso.t_dist=0.3"], ["'daso' parameters do not belong to preset 'fixmatch'", "fixmatch_daso"]),
+        (["model.depth=27"], ["(depth - 4) % 6 == 0"]),
+        (["data.dataset=cifar11"], ["data.dataset", "'cifar10'", "'imagefolder'"]),
+        (["method.preset=fixmatch_drw", "method.drw.beta=1.0"], ["method.drw.beta", "less than 1"]),
+    ],
+)
+def test_bad_values_name_field_value_and_choices(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    for fragment in expected:
+        assert fragment in str(err.value)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(listy)
+
+
+def test_error_names_the_file(tmp_path):
+    f = tmp_path / "run.yaml"
+    f.write_text("train:\n  iterations: -1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(f)
+    assert str(f) in str(err.value) and "train.iterations" in str(err.value)
+
+
+def test_cli_exits_2_before_loading_data(tmp_path):
+    """A bad field stops the CLI with exit code 2, a message naming it, and no output directory written."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainables.train", "--config", str(ROOT / "trainables/configs/cpu_synthetic.yaml"),
+         "--set", "method.preset=daso", "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert proc.returncode == 2
+    assert "method.preset" in proc.stderr and "fixmatch_daso" in proc.stderr
+    assert not out.exists()
+
+
+def test_cli_bad_set_syntax(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainables.train", "--config", str(ROOT / "trainables/configs/cpu_synthetic.yaml"),
+         "--set", "train.iterations", "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert proc.returncode == 2 and "expected key=value" in proc.stderr

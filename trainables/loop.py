@@ -1,0 +1,391 @@
+"""The FixMatch training loop (Sohn et al., NeurIPS 2020) with pluggable method components.
+
+`train(cfg, out_dir, report)` takes a validated `RunConfig` and a `report` callback and returns the final metrics.
+It knows nothing of Ray, Optuna or MLflow. Methods (DASO, DRw, logit adjustment) enter only through the three
+components of `trainables.methods.base.Method`; the loop never asks which method runs.
+
+One step: a single forward over [x_lb, x_ulb_w, x_ulb_s] (so BatchNorm sees all three), the pseudo-label from the
+weak view, L = L_s + lambda_u * L_u (+ the method's extra loss), SGD with Nesterov, EMA update. Evaluation uses the
+EMA model. Everything that affects the result is checkpointed as one unit and restored on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from trainables import checkpoint
+from trainables.augment import normalize, resize, strong_augment, weak_augment
+from trainables.batches import ImageStore, IndexStream
+from trainables.config import OptimConfig, RunConfig
+from trainables.data import build_data, describe_counts
+from trainables.data.base import SSLData
+from trainables.ema import ModelEMA
+from trainables.evaluate import Window, predict_logits, split_metrics
+from trainables.losses import fixmatch_mask, unlabeled_ce
+from trainables.methods import build_method
+from trainables.methods.base import Method, MethodContext
+from trainables.metrics import EvalHistory, class_groups, confusion_matrix, per_class_table
+from trainables.models import build_model
+
+Report = Callable[[dict[str, float], Path | None], None]
+CHECKPOINT_DIR = "checkpoint"
+METRICS_FILE = "metrics.jsonl"
+
+
+def lr_at(step: int, total: int, cfg: OptimConfig) -> float:
+    """Constant, or FixMatch's cosine: lr * cos(7 pi k / (16 K)) for k = step, K = total iterations."""
+    if cfg.schedule == "constant":
+        return cfg.lr
+    return cfg.lr * math.cos(math.pi * cfg.cosine_fraction * 2 * step / total)
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # None: full fp32
+    channels_last: bool
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+
+def resolve_runtime(cfg: RunConfig) -> Runtime:
+    t = cfg.train
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+    device = torch.device("cuda" if t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()) else "cpu")
+    on_cuda = device.type == "cuda"
+    bf16 = t.precision == "bf16" or (t.precision == "auto" and on_cuda)
+    channels_last = on_cuda if t.channels_last is None else t.channels_last
+    return Runtime(device, torch.bfloat16 if bf16 else None, channels_last)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+class Run:
+    """Everything one training run holds. Built from (config, data); its `state_dict` is the checkpoint."""
+
+    def __init__(self, cfg: RunConfig, data: SSLData, rt: Runtime):
+        self.cfg, self.data, self.rt = cfg, data, rt
+        t = cfg.train
+        seed_everything(t.seed, t.deterministic)
+        resident = cfg.data.resident == "device" or (cfg.data.resident == "auto" and rt.device.type == "cuda")
+        self.lb_store = ImageStore(data.labeled.images, rt.device, resident)
+        self.ulb_store = ImageStore(data.unlabeled_images, rt.device, resident)
+        self.val_store = ImageStore(data.val.images, rt.device, resident)
+        self.test_store = ImageStore(data.test.images, rt.device, resident)
+        self.y_lb = torch.as_tensor(data.labeled.labels, dtype=torch.int64, device=rt.device)
+        self.lb_stream = IndexStream(len(self.lb_store), t.batch_size, t.seed, stream=0)
+        self.ulb_stream = IndexStream(len(self.ulb_store), t.batch_size * t.mu, t.seed, stream=1)
+        self.aug_gen = torch.Generator(device=rt.device).manual_seed(t.seed)
+        self.mean = torch.tensor(data.mean, device=rt.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(data.std, device=rt.device).view(1, 3, 1, 1)
+
+        self.model = build_model(cfg.model, data.num_classes).to(rt.device)
+        if rt.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ema = ModelEMA(self.model, t.ema_decay)
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on BN and biases, as in FixMatch
+        o = cfg.optim
+        self.optimizer = torch.optim.SGD(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr,
+            momentum=o.momentum,
+            nesterov=o.nesterov,
+        )
+        self.forward = self._features_and_logits
+        if t.compile:
+            self.forward = torch.compile(self._features_and_logits)
+        counts = data.labeled_counts
+        self.groups = class_groups(counts)
+        self.log_prior = torch.log(torch.as_tensor(counts, dtype=torch.float32) / counts.sum())
+        self.method: Method = build_method(
+            cfg.method,
+            MethodContext(
+                num_classes=data.num_classes,
+                labeled_counts=counts,
+                feature_dim=self.model.feature_dim,
+                device=rt.device,
+                dataset=cfg.data.dataset,
+                gamma_l=cfg.data.gamma_l,
+                gamma_u=cfg.data.gamma_u_resolved,
+            ),
+        )
+        self.history = EvalHistory()
+        self.step = 0  # iterations completed
+
+    # ---- one step -------------------------------------------------------------------------------------------
+    def _features_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        feats = self.model.encode(x)
+        return feats, self.model.classifier(feats)
+
+    def prep(self, x_u8: Tensor) -> Tensor:
+        """uint8 (b, 3, H, W) -> normalised float at the model's input size and memory format."""
+        x = normalize(x_u8, self.mean, self.std)
+        if self.data.model_size is not None and x.shape[-1] != self.data.model_size:
+            x = resize(x, self.data.model_size)
+        return x.contiguous(memory_format=torch.channels_last) if self.rt.channels_last else x
+
+    def train_step(self, window: Window) -> None:
+        step, t, method = self.step, self.cfg.train, self.method
+        if method.unlabeled_weighting.wants_pass(step):
+            probs = predict_logits(self.ema_logits, self.ulb_store, self.prep, t.eval_batch_size).softmax(1)
+            mask, pseudo_label = fixmatch_mask(probs, t.tau)
+            method.unlabeled_weighting.observe_pass(pseudo_label.to(self.rt.device), mask.to(self.rt.device), step)
+
+        idx_lb, idx_ulb = self.lb_stream.indices(step), self.ulb_stream.indices(step)
+        x_lb_u8, x_ulb_u8 = self.lb_store.gather(idx_lb), self.ulb_store.gather(idx_ulb)
+        y_lb = self.y_lb[idx_lb.to(self.rt.device)]
+        x_lb = self.prep(weak_augment(x_lb_u8, self.aug_gen))
+        x_ulb_w = self.prep(weak_augment(x_ulb_u8, self.aug_gen))
+        x_ulb_s = self.prep(strong_augment(x_ulb_u8, self.aug_gen))
+        b, u = len(x_lb), len(x_ulb_w)
+
+        with self.rt.autocast():
+            feats, logits = self.forward(torch.cat([x_lb, x_ulb_w, x_ulb_s]))
+        feats, logits = feats.float(), logits.float()
+        logits_x_lb, logits_x_ulb_w, logits_x_ulb_s = logits.split([b, u, u])
+        _, feat_ulb_w, feat_ulb_s = feats.split([b, u, u])
+
+        probs_w = logits_x_ulb_w.detach().softmax(dim=1)
+        pl = method.pseudo_label(probs_w, feat_ulb_w.detach(), feat_ulb_s, step)
+        mask, pseudo_label = fixmatch_mask(pl.probs, t.tau)
+        loss_x = method.labeled_loss(logits_x_lb, y_lb)
+        loss_u = unlabeled_ce(logits_x_ulb_s, pseudo_label, mask, method.unlabeled_weighting.class_weights(step))
+        loss = loss_x + t.lambda_u * loss_u + pl.loss
+
+        lr = lr_at(step, t.iterations, self.cfg.optim)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.ema.update(self.model)
+
+        feat_lb_ema = None
+        if method.pseudo_label.needs_ema_labeled_features:
+            with torch.no_grad(), self.rt.autocast():
+                feat_lb_ema = self.ema.model.encode(x_lb).float()
+        method.pseudo_label.observe(feat_lb_ema, y_lb, pseudo_label, step)
+        method.unlabeled_weighting.observe(pseudo_label, mask, step)
+        losses = {"loss": loss, "loss_x": loss_x, "loss_u": loss_u, "loss_extra": pl.loss}
+        window.add(losses, idx_ulb, pseudo_label, mask, pl.diagnostics)
+        self.step += 1
+
+    # ---- evaluation -----------------------------------------------------------------------------------------
+    def ema_logits(self, x: Tensor) -> Tensor:
+        with self.rt.autocast():
+            return self.ema.model(x)
+
+    def evaluate(self) -> tuple[dict[str, float], dict[str, Tensor]]:
+        logits = {}
+        out: dict[str, float] = {}
+        C, tau = self.data.num_classes, self.cfg.method.posthoc_la_tau
+        for prefix, store, labels in (
+            ("val", self.val_store, self.data.val.labels),
+            ("test", self.test_store, self.data.test.labels),
+        ):
+            if len(store) == 0:
+                continue
+            logits[prefix] = predict_logits(self.ema_logits, store, self.prep, self.cfg.train.eval_batch_size)
+            out.update(split_metrics(prefix, logits[prefix], labels, C, self.groups, self.log_prior, tau))
+        out.update(self.history.update(out))
+        return out, logits
+
+    # ---- checkpoint -----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "config": self.cfg.model_dump(mode="json"),
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "method": self.method.state_dict(),
+            "history": self.history.state_dict(),
+            "aug_generator": self.aug_gen.get_state(),
+            "rng": checkpoint.capture_rng(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = RunConfig.model_validate(state["config"])
+        if saved != self.cfg:
+            diff = _config_diff(saved.model_dump(mode="json"), self.cfg.model_dump(mode="json"))
+            raise ValueError(f"checkpoint was written by a different configuration: {diff}")
+        self.step = state["step"]
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.method.load_state_dict(state["method"])
+        self.history.load_state_dict(state["history"])
+        self.aug_gen.set_state(state["aug_generator"])
+        checkpoint.restore_rng(state["rng"])
+
+
+def _config_diff(a: dict, b: dict, path: str = "") -> str:
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            sub = _config_diff(va, vb, f"{path}{key}.")
+            if sub:
+                diffs.append(sub)
+        elif va != vb:
+            diffs.append(f"{path}{key}: {va!r} (checkpoint) vs {vb!r} (now)")
+    return "; ".join(diffs)
+
+
+def _write_artifacts(run: Run, out_dir: Path, metrics: dict[str, float], logits: dict[str, Tensor]) -> None:
+    art = out_dir / "artifacts"
+    art.mkdir(parents=True, exist_ok=True)
+    C, names = run.data.num_classes, run.data.class_names or [str(c) for c in range(run.data.num_classes)]
+    for prefix, labels in (("val", run.data.val.labels), ("test", run.data.test.labels)):
+        if prefix not in logits:
+            continue
+        rows = per_class_table(metrics, prefix, C, names)
+        with open(art / f"per_class_{prefix}.csv", "w") as f:
+            f.write(",".join(rows[0].keys()) + "\n")
+            f.writelines(",".join(str(v) for v in row.values()) + "\n" for row in rows)
+        cm = confusion_matrix(labels, logits[prefix].argmax(1).numpy(), C)
+        np.savetxt(art / f"confusion_{prefix}.csv", cm, fmt="%d", delimiter=",")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop evaluations after the checkpoint we resume from: they will be recomputed."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+class Progress:
+    """A line every few seconds on stderr: step, it/s, ETA, latest metrics. Reads the device only when printing."""
+
+    def __init__(self, total: int, enabled: bool, every_s: float = 5.0):
+        self.total, self.enabled, self.every_s = total, enabled, every_s
+        self.t0, self.step0, self.last_print = time.monotonic(), 0, 0.0
+        self.latest = ""
+
+    def start(self, step: int) -> None:
+        self.t0, self.step0 = time.monotonic(), step
+
+    def tick(self, step: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.enabled or (not force and now - self.last_print < self.every_s):
+            return
+        self.last_print = now
+        rate = (step - self.step0) / max(now - self.t0, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float("inf")
+        eta_s = f"{eta / 60:.1f} min" if math.isfinite(eta) else "?"
+        print(f"step {step}/{self.total} | {rate:.1f} it/s | ETA {eta_s} {self.latest}", file=sys.stderr, flush=True)
+
+
+def train(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    report: Report | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    data: SSLData | None = None,
+) -> dict[str, float]:
+    """Train to cfg.train.iterations; return the last evaluation's metrics.
+
+    Writes out_dir/metrics.jsonl (one object per evaluation, with "step"), out_dir/checkpoint/state.pt (at every
+    checkpoint_every-th iteration that is an evaluation, and at the end) and out_dir/artifacts/. After each
+    evaluation calls report(metrics, checkpoint_dir or None). With resume=True it continues from the checkpoint in
+    out_dir, if there is one. `data` lets a caller pass prebuilt data (tests, sweeps sharing one split).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t = cfg.train
+    rt = resolve_runtime(cfg)
+    data = data if data is not None else build_data(cfg.data)
+    (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
+    counts = {
+        "labeled": data.labeled_counts.tolist(),
+        "unlabeled": None if data.unlabeled_counts is None else data.unlabeled_counts.tolist(),
+        "val": np.bincount(data.val.labels, minlength=data.num_classes).tolist(),
+        "test": np.bincount(data.test.labels, minlength=data.num_classes).tolist(),
+    }
+    (out_dir / "counts.json").write_text(json.dumps(counts))
+    if progress:
+        print(describe_counts(data), file=sys.stderr)
+
+    run = Run(cfg, data, rt)
+    ckpt_dir = out_dir / CHECKPOINT_DIR
+    metrics_path = out_dir / METRICS_FILE
+    if resume and (state := checkpoint.load(ckpt_dir)) is not None:
+        run.load_state_dict(state)
+        _truncate_metrics(metrics_path, run.step)
+        if progress:
+            print(f"resumed from {ckpt_dir} at step {run.step}", file=sys.stderr)
+    elif metrics_path.exists():
+        metrics_path.unlink()
+
+    ckpt_every = t.checkpoint_every or t.eval_every
+    bar = Progress(t.iterations, progress)
+    bar.start(run.step)
+    window, window_t0 = Window(), time.monotonic()
+    metrics: dict[str, float] = {}
+    logits: dict[str, Tensor] = {}
+    while run.step < t.iterations:
+        run.model.train()
+        run.train_step(window)
+        bar.tick(run.step)
+        if run.step % t.eval_every and run.step != t.iterations:
+            continue
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.monotonic() - window_t0
+        metrics = {"step": run.step, **window.summarise(data.unlabeled_truth, data.num_classes, run.groups)}
+        metrics["train/lr"] = lr_at(run.step - 1, t.iterations, cfg.optim)
+        metrics["train/it_per_s"] = window.steps / max(elapsed, 1e-9)
+        eval_metrics, logits = run.evaluate()
+        metrics.update(eval_metrics)
+        metrics.update(run.method.metrics())
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        saved = None
+        if run.step % ckpt_every == 0 or run.step == t.iterations:
+            saved = ckpt_dir
+            checkpoint.save_atomic(run.state_dict(), ckpt_dir)
+        bar.latest = _headline(metrics)
+        bar.tick(run.step, force=True)
+        if report is not None:
+            report(metrics, saved)
+        window, window_t0 = Window(), time.monotonic()
+    if not metrics:  # resumed from the final checkpoint: nothing left to run
+        lines = metrics_path.read_text().splitlines() if metrics_path.is_file() else []
+        return json.loads(lines[-1]) if lines else {}
+    _write_artifacts(run, out_dir, metrics, logits)
+    return metrics
+
+
+def _headline(m: dict[str, float]) -> str:
+    keys = ("train/loss", "train/mask_ratio", "val/top1", "val/balanced_acc", "val/recall_tail")
+    return "| " + " ".join(f"{k.split('/', 1)[1]} {m[k]:.3f}" for k in keys if k in m)
