@@ -192,7 +192,7 @@ class Run:
         feat_lb_ema = None
         if method.pseudo_label.needs_ema_labeled_features:
             with torch.no_grad(), self.rt.autocast():
-                feat_lb_ema = self.ema.model.encode(x_lb).float()
+                feat_lb_ema = self.ema.module.encode(x_lb).float()
         method.pseudo_label.observe(feat_lb_ema, y_lb, pseudo_label, step)
         method.unlabeled_weighting.observe(pseudo_label, mask, step)
         losses = {"loss": loss, "loss_x": loss_x, "loss_u": loss_u, "loss_extra": pl.loss}
@@ -202,7 +202,7 @@ class Run:
     # ---- evaluation -----------------------------------------------------------------------------------------
     def ema_logits(self, x: Tensor) -> Tensor:
         with self.rt.autocast():
-            return self.ema.model(x)
+            return self.ema.module(x)
 
     def evaluate(self) -> tuple[dict[str, float], dict[str, Tensor]]:
         logits = {}

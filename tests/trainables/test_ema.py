@@ -12,7 +12,7 @@ from trainables.ema import ModelEMA, ema_decay_at
 
 
 class Scalars(nn.Module):
-    """One scalar parameter, one float buffer (like a BN running mean), one integer buffer (a step counter)."""
+    """A scalar parameter, a float buffer (like a BN running mean), an integer buffer (a step counter)."""
 
     def __init__(self, w: float) -> None:
         super().__init__()
@@ -77,7 +77,7 @@ def test_copy_is_frozen_in_eval_mode_and_independent():
 
 
 def test_batchnorm_statistics_follow_the_model():
-    """After a training forward the BN running mean moved; the first update copies it and num_batches_tracked."""
+    """After a training forward the BN statistics moved; the first update copies them and the counter."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).train()
     ema = ModelEMA(model, decay=0.999)
@@ -91,7 +91,7 @@ def test_batchnorm_statistics_follow_the_model():
 
 
 def test_state_round_trip_weights_only():
-    """A restored EMA continues exactly like the original: same weights, same update counter, same next d_t."""
+    """A restored EMA continues like the original: same weights, update counter and next d_t."""
     model = Scalars(1.0)
     ema = ModelEMA(model, decay=0.9)
     for w in (2.0, 4.0):

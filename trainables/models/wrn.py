@@ -1,19 +1,20 @@
 """WideResNet as used by FixMatch and DASO (Zagoruyko & Komodakis, BMVC 2016; Sohn et al., NeurIPS 2020).
 
-WRN-d-k: a 3x3 stem conv to 16 channels; three groups of n = (d - 4) / 6 pre-activation basic blocks with widths
-16k, 32k, 64k and strides 1, 2, 2; a final BN + LeakyReLU + global average pool giving a 64k-d feature; a linear
-classifier. WRN-28-2 (n = 4, widths 32 / 64 / 128, 128-d feature) has 1,467,610 parameters for 10 classes.
+WRN-d-k: a 3x3 stem conv to 16 channels; three groups of n = (d - 4) / 6 pre-activation basic blocks with
+widths 16k, 32k, 64k and strides 1, 2, 2; a final BN + LeakyReLU + global average pool giving a 64k-d feature;
+a linear classifier. WRN-28-2 (n = 4, widths 32 / 64 / 128, 128-d feature) has 1,467,610 parameters for 10
+classes.
 
 Pre-activation block (FixMatch's TensorFlow `residual` and the DASO reference):
     a = act(bn1(x)); out = conv2(act(bn2(conv1(a)))); out + shortcut(a if activate_before_residual else x)
-`activate_before_residual` is set on the first block of the first group only, so the stem's raw output is never
-added back un-normalised; elsewhere the shortcut carries the block input. (The popular FixMatch PyTorch port
-instead feeds the un-activated x to conv1 in the first block of groups 2 and 3; this follows the TF original.)
+`activate_before_residual` is set on the first block of the first group only, so the stem's raw output is
+never added back un-normalised; elsewhere the shortcut carries the block input. (The popular FixMatch PyTorch
+port instead feeds the un-activated x to conv1 in the first block of groups 2 and 3; this follows the TF
+original.)
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 
@@ -92,7 +93,8 @@ class WideResNet(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        # the FixMatch reference's init: Kaiming-normal fan_out convs, BN (1, 0), Xavier-normal linear, zero bias
+        # the FixMatch reference's init: Kaiming-normal fan_out convs, BN (1, 0), Xavier-normal linear,
+        # zero bias
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
