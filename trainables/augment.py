@@ -1,0 +1,621 @@
+"""Batched, per-image FixMatch augmentation of uint8 image tensors, on whatever device the batch lives on.
+
+Weak view: horizontal flip (p = 0.5), then a random crop back to (H, W) after `pad`-px reflect padding.
+Strong view: the weak view, then RandAugment as FixMatch uses it (Sohn et al., NeurIPS 2020, sec. 2.3 and
+appendix): for each of `num_ops` slots draw one of 14 ops uniformly (with replacement), apply it with p = 0.5
+at an integer level 1..9 of 10; then always a gray Cutout of half the image side. Magnitudes are those of the
+DASO reference code (`lib/dataset/transform/transformation.py`, pool "FixMatch"). Every draw is made PER IMAGE
+(torchvision v2 and kornia draw one op for the whole batch).
+
+Structure. Randomness is drawn up front from the explicit `generator` (on the batch's device; saving its state
+makes a run resumable) into small parameter tensors (`draw_weak`, `draw_rand_augment`, `draw_strong`). Pure
+functions then apply them (`flip_crop`, `apply_rand_augment`, `cutout`, `apply_strong`). Inside a RandAugment
+slot the 14 ops fall into three families, each computed once for the whole batch and picked per image with
+`torch.where` (`apply_ops`):
+  - enhance (Brightness, Color, Contrast, Sharpness): PIL blends the image with a "degenerate" image (black,
+    gray version, mean gray, smoothed): one blend with a per-image degenerate image;
+  - point (AutoContrast, Equalize, Posterize, Solarize): one gather through a per-image, per-channel table;
+  - geometric (Rotate, ShearX/Y, TranslateX/Y): one gather through a per-image affine map (nearest neighbour,
+    black fill: PIL's defaults for `rotate` and `transform`).
+No Python loop runs over images and nothing reads a device value back to the host (no boolean-mask indexing,
+no `.item()`), so the `apply_*` functions never wait for the GPU and can be captured in a CUDA graph.
+
+Agreement with PIL, the reference code's backend (tests/trainables/test_augment.py, image by image):
+  - every op, the flip-crop and Cutout are bit-identical to Pillow 13 on x86-64, because each replicates PIL's
+    arithmetic rather than approximating it. `Image.blend` computes `d + alpha * (x - d)` in float32 and
+    truncates (three separate kernels here round the same way); the degenerate images use PIL's integer luma,
+    its half-up rounded mean and its rounded SMOOTH filter; AutoContrast's table is float64 as PIL computes it
+    in Python; Equalize's is PIL's integer formula; NEAREST affine warps use PIL's 16.16 fixed-point
+    pixel-centre coordinates (`affine_fixed`, libImaging/Geometry.c), which a float `grid_sample` would miss
+    wherever a source point falls on a pixel edge.
+    Caveats: a PIL build that fuses multiply-adds (FMA, e.g. aarch64), or `torch.compile` fusing `blend`, can
+    move an enhance-op pixel by 1 where the float32 sum lands next to an integer; torch's cos/sin may differ
+    from libm's by an ulp (no effect after the 1/65536 rounding at the angles tested).
+  - `resize` (two antialiased bilinear passes rounded like PIL's) is bit-identical to PIL's BILINEAR for
+    integer reduction factors (96 -> 32 for STL-10), within 2 gray levels otherwise (PIL's fixed-point
+    weights).
+Deliberate deviation from the reference code: Cutout fills exactly `size` x `size` pixels centred on a uniform
+pixel, clipped at every border (the original FixMatch). The reference's `CutoutAbs` draws an inclusive PIL
+rectangle, so its square is 17 px wide and is clipped only at the right and bottom.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# ------------------------------------------------------------------------------------------------------------
+# Primitives: the three batched mechanisms behind the ops
+
+
+def _gather_pixels(x: Tensor, index: Tensor) -> Tensor:
+    """out[b, :, i, j] = x[b, :].flatten()[index[b, i, j]], all channels at once.
+
+    Shape: x (B, C, H, W); index (B, H, W) int64 row-major pixel indices -> (B, C, H, W).
+    """
+    b, c, h, w = x.shape
+    out = x.reshape(b, c, h * w).gather(2, index.reshape(b, 1, h * w).expand(b, c, h * w))
+    return out.view(b, c, h, w)
+
+
+def _sample(x: Tensor, src_row: Tensor, src_col: Tensor) -> Tensor:
+    """out[b, :, i, j] = x[b, :, src_row[b, i, j], src_col[b, i, j]], black (0) where the source is outside.
+
+    Shape: x (B, C, H, W); src_row, src_col (B, H, W) int64 -> (B, C, H, W).
+    """
+    h, w = x.shape[-2:]
+    inside = (src_row >= 0) & (src_row < h) & (src_col >= 0) & (src_col < w)
+    out = _gather_pixels(x, src_row.clamp(0, h - 1) * w + src_col.clamp(0, w - 1))
+    return torch.where(inside.unsqueeze(1), out, 0)
+
+
+def blend(x: Tensor, degenerate: Tensor, factor: Tensor) -> Tensor:
+    """PIL's `Image.blend(degenerate, x, factor)`, the core of every `ImageEnhance` op.
+
+    out = trunc(clip(d + f (x - d), 0, 255)) in float32 with f = float32(factor), as libImaging/Blend.c
+    computes it; subtraction, product and sum are separate kernels, so each rounds as the C code does.
+
+    Shape: x (B, C, H, W) uint8; degenerate integer-valued, broadcastable to x; factor (B,)
+    -> (B, C, H, W) uint8.
+    """
+    d = degenerate.float()
+    alpha = factor.to(torch.float32).view(-1, 1, 1, 1)
+    out = d + (x.float() - d) * alpha
+    return out.clamp_(0, 255).to(torch.uint8)  # float -> uint8 truncates toward zero, like PIL's cast
+
+
+def apply_lut(x: Tensor, lut: Tensor) -> Tensor:
+    """PIL's `Image.point`: out[b, c] = lut[b, c][x[b, c]], table values clipped to 0..255 as PIL clips them.
+
+    Shape: x (B, C, H, W) uint8; lut (B, C or 1, 256) integer -> (B, C, H, W) uint8.
+    """
+    b, c, h, w = x.shape
+    table = lut.clamp(0, 255).to(torch.uint8).expand(b, c, 256)
+    return table.gather(2, x.reshape(b, c, h * w).long()).view(b, c, h, w)
+
+
+@functools.cache
+def _pixel_grid(height: int, width: int, device: torch.device) -> Tensor:
+    """Homogeneous pixel coordinates (col, row, 1), one column per pixel, row-major. Shape: (3, H * W)."""
+    rows, cols = torch.meshgrid(
+        torch.arange(height, device=device, dtype=torch.float64),
+        torch.arange(width, device=device, dtype=torch.float64),
+        indexing="ij",
+    )
+    return torch.stack([cols.flatten(), rows.flatten(), torch.ones_like(cols.flatten())])
+
+
+def affine_nearest(x: Tensor, coeffs: Tensor) -> Tensor:
+    """PIL's `Image.transform(size, AFFINE, (a, b, c, d, e, f))`, NEAREST sampling, black fill, batched.
+
+    Output pixel (col, row) reads input (a col' + b row' + c, d col' + e row' + f) at the pixel centre
+    (col' = col + 1/2). PIL evaluates this in 16.16 fixed point (`affine_fixed`, libImaging/Geometry.c):
+    coefficients rounded to 1/65536, source index = floor. The same arithmetic here gives PIL's pixels.
+
+    Shape: x (B, C, H, W); coeffs (B, 6) -> (B, C, H, W).
+    """
+    h, w = x.shape[-2:]
+    a = coeffs.double().view(-1, 2, 3)  # rows (a, b, c) and (d, e, f)
+    # PIL folds the pixel-centre offset into the constant term (c + a/2 + b/2, in this order), then rounds
+    centred = a[:, :, 2] + a[:, :, 0] * 0.5 + a[:, :, 1] * 0.5
+    fixed = torch.floor(torch.cat([a[:, :, :2], centred.unsqueeze(2)], dim=2) * 65536.0 + 0.5)
+    # integer-valued float64: every product and partial sum is an integer below 2^53, so the matmul is exact
+    src = torch.floor(fixed @ _pixel_grid(h, w, x.device) / 65536.0).long()  # (B, 2, H*W): col, row
+    return _sample(x, src[:, 1].view(-1, h, w), src[:, 0].view(-1, h, w))
+
+
+def affine_coeffs(
+    degrees: Tensor,
+    shear_x: Tensor,
+    shear_y: Tensor,
+    translate_x: Tensor,
+    translate_y: Tensor,
+    size: tuple[int, int],
+) -> Tensor:
+    """PIL's coefficients for `Image.rotate(degrees)` (about the centre) plus a shear and a translation.
+
+    The rotation as `Image.rotate` builds it: t = -radians(degrees mod 360), matrix
+    (cos t, sin t, c, -sin t, cos t, f) with (c, f) keeping the centre (W/2, H/2) in place. Shears and
+    translations enter as in `transform(AFFINE, (1, sx, tx, sy, 1, ty))`. With all but one argument zero this
+    is PIL's matrix for that op bit for bit (adding an exact 0.0 changes no double), so one call serves the
+    whole geometric family. (PIL also rounds cos and sin to 15 decimals, far below the 1/65536 grid.)
+
+    Shape: each magnitude (B,) -> (B, 6) float64; size = (H, W).
+    """
+    height, width = size
+    angle = -(torch.remainder(degrees.double(), 360.0) * (math.pi / 180.0))
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    cx, cy = width / 2, height / 2
+    c = cos * -cx + sin * -cy + cx + translate_x
+    f = -sin * -cx + cos * -cy + cy + translate_y
+    return torch.stack([cos, sin + shear_x, c, -sin + shear_y, cos, f], dim=1)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Degenerate images and lookup tables, as PIL defines them
+
+
+def grayscale(x: Tensor) -> Tensor:
+    """PIL's RGB -> L: ITU-R 601-2 luma in 16-bit fixed point, (19595 R + 38470 G + 7471 B + 2^15) >> 16.
+
+    Shape: (B, 3, H, W) uint8 -> (B, 1, H, W) uint8.
+    """
+    r, g, b = x.int().unbind(1)
+    return ((r * 19595 + g * 38470 + b * 7471 + 32768) >> 16).unsqueeze(1).to(torch.uint8)
+
+
+def mean_gray(gray: Tensor) -> Tensor:
+    """`ImageEnhance.Contrast`'s gray: the L image's mean m rounded half up, floor(m + 1/2) = (2 S + n) // 2n.
+
+    Shape: gray (B, 1, H, W) uint8, from `grayscale` -> (B, 1, 1, 1) int64.
+    """
+    n = gray.shape[-1] * gray.shape[-2]
+    total = gray.sum(dim=(1, 2, 3), keepdim=True, dtype=torch.int64)
+    return (2 * total + n) // (2 * n)
+
+
+def smooth(x: Tensor) -> Tensor:
+    """PIL's `ImageFilter.SMOOTH`: 3x3 kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13, border pixels kept.
+
+    PIL sums in float32 with +0.5 and truncates: floor(S / 13 + 1/2) for the integer weighted sum S. That
+    value is never closer than 1/26 to an integer, far beyond float32 rounding, so any float evaluation floors
+    the same way. (Not a conv2d: a TF32 convolution on a GPU would round the 1/13 weights too coarsely.)
+
+    Shape: (B, C, H, W) uint8 -> (B, C, H, W) uint8.
+    """
+    xf = x.float()
+    box = (F.avg_pool2d(xf, 3, stride=1, padding=0) * 9).round_()  # 3x3 sums, integers again after rounding
+    out = x.clone()  # the one-pixel border stays as it is
+    out[..., 1:-1, 1:-1] = ((box + 4 * xf[..., 1:-1, 1:-1] + 6.5) / 13).floor_()
+    return out
+
+
+def auto_contrast_lut(x: Tensor) -> Tensor:
+    """`ImageOps.autocontrast` table per channel: int(i s + o) with s = 255 / (hi - lo), o = -lo s, clipped;
+    the identity where hi <= lo. Float64 in PIL's operation order, so truncation lands where PIL's does.
+
+    Shape: (B, C, H, W) uint8 -> (B, C, 256) int64.
+    """
+    lo, hi = x.reshape(*x.shape[:2], -1).aminmax(dim=-1)
+    lo, span = lo.double().unsqueeze(-1), (hi.double() - lo.double()).unsqueeze(-1)
+    # a true division: `255.0 / tensor` is 255 * reciprocal(tensor), one rounding more than PIL's
+    scale = torch.full_like(span, 255.0) / torch.where(span > 0, span, 1.0)
+    offset = -lo * scale
+    i = torch.arange(256, device=x.device, dtype=torch.float64)
+    return torch.where(span > 0, (i * scale + offset).trunc().clamp(0, 255), i).long()
+
+
+def equalize_lut(x: Tensor) -> Tensor:
+    """`ImageOps.equalize` table per channel: lut[i] = (step // 2 + #pixels below i) // step, where
+    step = (#pixels - #pixels at the channel's maximum) // 255; the identity where step = 0 (e.g. constant).
+
+    Shape: (B, C, H, W) uint8 -> (B, C, 256) int64; entries above 255 are clipped by `apply_lut`, as by PIL.
+    """
+    flat = x.reshape(*x.shape[:2], -1).long()  # (B, C, N)
+    hist = torch.zeros(*flat.shape[:2], 256, dtype=torch.int64, device=x.device)
+    hist.scatter_add_(2, flat, torch.ones_like(flat))
+    at_max = hist.gather(2, flat.amax(dim=2, keepdim=True))
+    step = (flat.shape[2] - at_max) // 255  # (B, C, 1)
+    below = hist.cumsum(dim=2) - hist
+    i = torch.arange(256, device=x.device)
+    return torch.where(step > 0, (step // 2 + below) // step.clamp(min=1), i)
+
+
+def posterize_lut(bits: Tensor) -> Tensor:
+    """`ImageOps.posterize`: keep the `bits` high bits, lut[i] = i & (255 << (8 - bits)) & 255.
+
+    Shape: bits (B,), 0..8 -> (B, 1, 256) int64.
+    """
+    keep = (255 << (8 - bits.long())) & 255
+    return torch.arange(256, device=bits.device) & keep.view(-1, 1, 1)
+
+
+def solarize_lut(threshold: Tensor) -> Tensor:
+    """`ImageOps.solarize`: lut[i] = i below the threshold, 255 - i from it on.
+
+    Shape: threshold (B,) -> (B, 1, 256) int64.
+    """
+    i = torch.arange(256, device=threshold.device)
+    return torch.where(i < threshold.long().view(-1, 1, 1), i, 255 - i)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The 14 ops, batched, one magnitude per image in the op's own unit; Shape: x (B, 3, H, W) uint8, m (B,)
+
+
+def identity(x: Tensor) -> Tensor:
+    return x
+
+
+def brightness(x: Tensor, factor: Tensor) -> Tensor:
+    """`ImageEnhance.Brightness(img).enhance(factor)`: blend with black."""
+    return blend(x, torch.zeros((), dtype=torch.int64, device=x.device), factor)
+
+
+def color(x: Tensor, factor: Tensor) -> Tensor:
+    """`ImageEnhance.Color(img).enhance(factor)`: blend with the image's gray version."""
+    return blend(x, grayscale(x), factor)
+
+
+def contrast(x: Tensor, factor: Tensor) -> Tensor:
+    """`ImageEnhance.Contrast(img).enhance(factor)`: blend with the image's mean gray."""
+    return blend(x, mean_gray(grayscale(x)), factor)
+
+
+def sharpness(x: Tensor, factor: Tensor) -> Tensor:
+    """`ImageEnhance.Sharpness(img).enhance(factor)`: blend with the SMOOTH-filtered image."""
+    return blend(x, smooth(x), factor)
+
+
+def auto_contrast(x: Tensor) -> Tensor:
+    """`ImageOps.autocontrast(img)`: stretch each channel to 0..255."""
+    return apply_lut(x, auto_contrast_lut(x))
+
+
+def equalize(x: Tensor) -> Tensor:
+    """`ImageOps.equalize(img)`: flatten each channel's histogram."""
+    return apply_lut(x, equalize_lut(x))
+
+
+def posterize(x: Tensor, bits: Tensor) -> Tensor:
+    """`ImageOps.posterize(img, bits)`, bits in 0..8."""
+    return apply_lut(x, posterize_lut(bits))
+
+
+def solarize(x: Tensor, threshold: Tensor) -> Tensor:
+    """`ImageOps.solarize(img, threshold)`."""
+    return apply_lut(x, solarize_lut(threshold))
+
+
+def _warp(x: Tensor, magnitude: Tensor, slot: int) -> Tensor:
+    """`affine_nearest` with `magnitude` as argument `slot` of `affine_coeffs`, all others zero."""
+    args = [torch.zeros_like(magnitude, dtype=torch.float64)] * 5
+    args[slot] = magnitude.double()
+    return affine_nearest(x, affine_coeffs(*args, size=x.shape[-2:]))
+
+
+def rotate(x: Tensor, degrees: Tensor) -> Tensor:
+    """`img.rotate(degrees)`: counter-clockwise about the centre."""
+    return _warp(x, degrees, 0)
+
+
+def shear_x(x: Tensor, shear: Tensor) -> Tensor:
+    """`img.transform(size, AFFINE, (1, shear, 0, 0, 1, 0))`."""
+    return _warp(x, shear, 1)
+
+
+def shear_y(x: Tensor, shear: Tensor) -> Tensor:
+    """`img.transform(size, AFFINE, (1, 0, 0, shear, 1, 0))`."""
+    return _warp(x, shear, 2)
+
+
+def translate_x(x: Tensor, pixels: Tensor) -> Tensor:
+    """`img.transform(size, AFFINE, (1, 0, pixels, 0, 1, 0))`: content moves left for pixels > 0."""
+    return _warp(x, pixels, 3)
+
+
+def translate_y(x: Tensor, pixels: Tensor) -> Tensor:
+    """`img.transform(size, AFFINE, (1, 0, 0, 0, 1, pixels))`: content moves up for pixels > 0."""
+    return _warp(x, pixels, 4)
+
+
+def _float_level(level: int, max_level: float, bias: float = 0.0) -> float:
+    """The reference's `_float_parameter(level, max_level) + bias`: level / 10 * max_level + bias."""
+    return float(level) / 10 * max_level + bias
+
+
+def _int_level(level: int, max_level: int, bias: int = 0) -> int:
+    """The reference's `_int_parameter(level, max_level) + bias`: int(level / 10 * max_level) + bias."""
+    return int(level / 10 * max_level) + bias
+
+
+ENHANCE, POINT, GEOMETRIC, NONE = range(4)  # how `apply_ops` computes an op
+
+
+@dataclass(frozen=True)
+class Op:
+    fn: Callable[[Tensor, Tensor], Tensor]  # (x, magnitude (B,)) -> augmented x
+    family: int
+    level: Callable[[int], float] | None = None  # reference magnitude at level 1..9 (before sign and size)
+    signed: bool = False  # the reference negates the magnitude with p = 0.5
+    neutral: float = 0.0  # a magnitude at which the op leaves every image unchanged
+
+
+_enhance_level = functools.partial(_float_level, max_level=0.9, bias=0.05)  # factor 0.14..0.86
+_shift_level = functools.partial(_float_level, max_level=0.3)  # shear 0.03..0.27, translate 3%..27% of side
+
+OPS: dict[str, Op] = {  # in the reference pool's order: the drawn index means the same op on both paths
+    "auto_contrast": Op(lambda x, m: auto_contrast(x), POINT),
+    "brightness": Op(brightness, ENHANCE, _enhance_level, neutral=1.0),
+    "color": Op(color, ENHANCE, _enhance_level, neutral=1.0),
+    "contrast": Op(contrast, ENHANCE, _enhance_level, neutral=1.0),
+    "equalize": Op(lambda x, m: equalize(x), POINT),
+    "identity": Op(lambda x, m: identity(x), NONE),
+    "posterize": Op(posterize, POINT, lambda v: _int_level(v, 4, bias=4), neutral=8),  # 4..7 bits
+    "rotate": Op(rotate, GEOMETRIC, lambda v: _int_level(v, 30), signed=True),  # 3..27 degrees
+    "sharpness": Op(sharpness, ENHANCE, _enhance_level, neutral=1.0),
+    "shear_x": Op(shear_x, GEOMETRIC, _shift_level, signed=True),
+    "shear_y": Op(shear_y, GEOMETRIC, _shift_level, signed=True),
+    "solarize": Op(solarize, POINT, lambda v: 256 - _int_level(v, 256), neutral=256),  # threshold 231..26
+    "translate_x": Op(translate_x, GEOMETRIC, _shift_level, signed=True),  # `op_magnitude` makes pixels
+    "translate_y": Op(translate_y, GEOMETRIC, _shift_level, signed=True),
+}
+OP_NAMES: tuple[str, ...] = tuple(OPS)
+_INDEX = {name: i for i, name in enumerate(OP_NAMES)}
+LEVELS = 10  # levels are drawn from 1..LEVELS-1, as the reference's np.random.randint(1, 10)
+
+
+@dataclass(frozen=True)
+class _Tables:
+    magnitude: Tensor  # (ops, LEVELS) float64: reference magnitude per op and level
+    signed: Tensor  # (ops,) bool
+    family: Tensor  # (ops,) int64
+    neutral: Tensor  # (ops,) float64
+
+
+@functools.cache
+def _tables(device: torch.device) -> _Tables:
+    """The op tables, copied to `device` once: a host-to-device copy per call would wait for the device."""
+    ops = OPS.values()
+    return _Tables(
+        magnitude=torch.tensor(
+            [[float(op.level(v)) if op.level else 0.0 for v in range(LEVELS)] for op in ops],
+            dtype=torch.float64,
+            device=device,
+        ),
+        signed=torch.tensor([op.signed for op in ops], device=device),
+        family=torch.tensor([op.family for op in ops], device=device),
+        neutral=torch.tensor([op.neutral for op in ops], dtype=torch.float64, device=device),
+    )
+
+
+def op_magnitude(op: Tensor, level: Tensor, negate: Tensor, size: tuple[int, int]) -> Tensor:
+    """Magnitude of op[i] at level[i] in the op's unit, with the reference's sign and translate rounding.
+
+    Signed ops (rotate, shears, translates) are negated where `negate`; a translation by a fraction t becomes
+    int(t * side) pixels (side W for translate_x, H for translate_y), truncated after the sign, as the
+    reference does.
+
+    Shape: op, level (B,) int64, negate (B,) bool -> (B,) float64; size = (H, W).
+    """
+    tables = _tables(op.device)
+    magnitude = tables.magnitude[op, level]
+    magnitude = torch.where(negate & tables.signed[op], -magnitude, magnitude)
+    is_x, is_y = op == _INDEX["translate_x"], op == _INDEX["translate_y"]
+    side = torch.where(is_y, size[0], size[1])
+    return torch.where(is_x | is_y, (magnitude * side).trunc(), magnitude)
+
+
+def apply_ops(x: Tensor, op: Tensor, magnitude: Tensor) -> Tensor:
+    """Image i gets op OP_NAMES[op[i]] at magnitude[i]; each family runs once on the batch, `where` picks.
+
+    Gives the same pixels as each image's own op function (`OPS[name].fn`) applied to it alone.
+
+    Shape: x (B, 3, H, W) uint8; op (B,) int64; magnitude (B,) float64 -> (B, 3, H, W) uint8.
+    """
+    tables = _tables(x.device)
+    chosen = op.view(-1, 1) == torch.arange(len(OP_NAMES), device=x.device)  # (B, ops) one-hot
+    # each op's magnitude where the image chose it, the op's neutral one elsewhere: no op sees a foreign unit
+    magnitudes = torch.where(chosen, magnitude.view(-1, 1), tables.neutral)  # (B, ops)
+
+    def is_op(name: str, dims: int = 4) -> Tensor:  # (B, 1, ...): broadcasts over image or table dims
+        return chosen[:, _INDEX[name]].view(-1, *([1] * (dims - 1)))
+
+    def m(name: str) -> Tensor:
+        return magnitudes[:, _INDEX[name]]
+
+    gray = grayscale(x)
+    degenerate = torch.where(is_op("contrast"), mean_gray(gray).float(), 0.0)  # 0: Brightness's black
+    degenerate = torch.where(is_op("color"), gray.float(), degenerate)
+    enhanced = blend(x, torch.where(is_op("sharpness"), smooth(x).float(), degenerate), magnitude)
+    lut = torch.where(is_op("solarize", 3), solarize_lut(m("solarize")), posterize_lut(m("posterize")))
+    lut = torch.where(is_op("equalize", 3), equalize_lut(x), lut)
+    pointed = apply_lut(x, torch.where(is_op("auto_contrast", 3), auto_contrast_lut(x), lut))
+    size = x.shape[-2:]
+    coeffs = affine_coeffs(m("rotate"), m("shear_x"), m("shear_y"), m("translate_x"), m("translate_y"), size)
+    warped = affine_nearest(x, coeffs)
+    family = tables.family[op].view(-1, 1, 1, 1)
+    out = torch.where(family == GEOMETRIC, warped, x)
+    return torch.where(family == ENHANCE, enhanced, torch.where(family == POINT, pointed, out))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Weak view, RandAugment, Cutout: draw the choices, then apply them
+
+
+@dataclass(frozen=True)
+class WeakParams:
+    flip: Tensor  # (B,) bool, p = 0.5
+    offset: Tensor  # (B, 2) int64: the crop's top and left in the padded image, uniform in 0..2*pad
+    pad: int
+
+
+@dataclass(frozen=True)
+class RandAugmentParams:
+    op: Tensor  # (num_ops, B) int64 index into OP_NAMES, uniform
+    apply: Tensor  # (num_ops, B) bool, p = 0.5
+    level: Tensor  # (num_ops, B) int64, uniform in 1..9
+    negate: Tensor  # (num_ops, B) bool, p = 0.5: the sign of signed ops
+
+
+@dataclass(frozen=True)
+class StrongParams:
+    weak: WeakParams
+    ops: RandAugmentParams
+    centers: Tensor  # (B, 2) int64: Cutout centre (row, col), a uniform pixel
+    cutout_size: int
+
+
+def draw_weak(batch: int, generator: torch.Generator, pad: int = 4) -> WeakParams:
+    device = generator.device
+    flip = torch.rand(batch, generator=generator, device=device) < 0.5
+    offset = torch.randint(0, 2 * pad + 1, (batch, 2), generator=generator, device=device)
+    return WeakParams(flip, offset, pad)
+
+
+def draw_rand_augment(batch: int, generator: torch.Generator, num_ops: int = 2) -> RandAugmentParams:
+    device, shape = generator.device, (num_ops, batch)
+    op = torch.randint(0, len(OP_NAMES), shape, generator=generator, device=device)
+    apply, negate = torch.rand((2, *shape), generator=generator, device=device) < 0.5
+    level = torch.randint(1, LEVELS, shape, generator=generator, device=device)
+    return RandAugmentParams(op, apply, level, negate)
+
+
+def draw_strong(
+    batch: int,
+    size: tuple[int, int],
+    generator: torch.Generator,
+    num_ops: int = 2,
+    cutout: float = 0.5,
+    pad: int = 4,
+) -> StrongParams:
+    """Every random choice of `strong_augment` for `batch` images of size (H, W)."""
+    height, width = size
+    weak = draw_weak(batch, generator, pad)
+    ops = draw_rand_augment(batch, generator, num_ops)
+    pixel = torch.randint(0, height * width, (batch,), generator=generator, device=generator.device)
+    centers = torch.stack([pixel // width, pixel % width], dim=1)
+    return StrongParams(weak, ops, centers, int(cutout * min(height, width)))
+
+
+def _reflect(index: Tensor, n: int) -> Tensor:
+    """Index into an axis of length n, reflect-padded without repeating the edge (-1 -> 1, n -> n - 2)."""
+    index = index.abs()
+    return torch.where(index > n - 1, 2 * (n - 1) - index, index)
+
+
+def flip_crop(x: Tensor, params: WeakParams) -> Tensor:
+    """Horizontal flip where `params.flip`, then the crop at `params.offset` of the reflect-padded image.
+
+    out[r, c] = flipped[refl(top + r - pad), refl(left + c - pad)]: one gather for the batch.
+
+    Shape: (B, C, H, W) -> (B, C, H, W).
+    """
+    h, w = x.shape[-2:]
+    rows = _reflect(params.offset[:, :1] + torch.arange(h, device=x.device) - params.pad, h)  # (B, H)
+    cols = _reflect(params.offset[:, 1:] + torch.arange(w, device=x.device) - params.pad, w)  # (B, W)
+    cols = torch.where(params.flip.view(-1, 1), w - 1 - cols, cols)
+    return _gather_pixels(x, rows.unsqueeze(2) * w + cols.unsqueeze(1))
+
+
+def apply_rand_augment(x: Tensor, params: RandAugmentParams) -> Tensor:
+    """The RandAugment slots in order; an image that skips a slot gets the identity there.
+
+    Shape: (B, 3, H, W) uint8 -> (B, 3, H, W) uint8.
+    """
+    for op, apply, level, negate in zip(params.op, params.apply, params.level, params.negate, strict=True):
+        op = torch.where(apply, op, _INDEX["identity"])
+        x = apply_ops(x, op, op_magnitude(op, level, negate, x.shape[-2:]))
+    return x
+
+
+def cutout(x: Tensor, centers: Tensor, size: int, fill: int = 127) -> Tensor:
+    """Fill a `size` x `size` square, rows and cols [c - size // 2, c - size // 2 + size) around centers[i],
+    clipped at the borders, with gray `fill` (DeVries and Taylor 2017; FixMatch: 127, half the side).
+
+    Shape: x (B, C, H, W) uint8; centers (B, 2) int64 (row, col) -> (B, C, H, W) uint8.
+    """
+    h, w = x.shape[-2:]
+    top_left = centers - size // 2  # (B, 2)
+    rows = torch.arange(h, device=x.device)
+    cols = torch.arange(w, device=x.device)
+    in_rows = (rows >= top_left[:, :1]) & (rows < top_left[:, :1] + size)  # (B, H)
+    in_cols = (cols >= top_left[:, 1:]) & (cols < top_left[:, 1:] + size)  # (B, W)
+    inside = (in_rows.unsqueeze(2) & in_cols.unsqueeze(1)).unsqueeze(1)
+    return torch.where(inside, fill, x)
+
+
+def apply_strong(x: Tensor, params: StrongParams) -> Tensor:
+    """Flip-crop, RandAugment, Cutout with the given choices. Shape: (B, 3, H, W) uint8 -> same."""
+    x = flip_crop(x, params.weak)
+    x = apply_rand_augment(x, params.ops)
+    return cutout(x, params.centers, params.cutout_size)
+
+
+def _check_images(x: Tensor, pad: int) -> None:
+    if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected uint8 images (B, 3, H, W), got {x.dtype} {tuple(x.shape)}")
+    if not 0 <= pad < min(x.shape[-2:]):
+        raise ValueError(f"pad={pad} must be in [0, {min(x.shape[-2:])}) to reflect-pad {tuple(x.shape)}")
+
+
+def weak_augment(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
+    """FixMatch's weak view: per image, flip with p = 0.5, random crop after `pad`-px reflect padding.
+
+    Shape: (B, 3, H, W) uint8 -> (B, 3, H, W) uint8.
+    """
+    _check_images(x, pad)
+    return flip_crop(x, draw_weak(x.shape[0], generator, pad))
+
+
+def strong_augment(
+    x: Tensor, generator: torch.Generator, num_ops: int = 2, cutout: float = 0.5, pad: int = 4
+) -> Tensor:
+    """FixMatch's strong view: weak view, RandAugment with `num_ops` per-image ops, Cutout of side
+    `cutout` x the shorter image side.
+
+    Shape: (B, 3, H, W) uint8 -> (B, 3, H, W) uint8.
+    """
+    _check_images(x, pad)
+    return apply_strong(x, draw_strong(x.shape[0], x.shape[-2:], generator, num_ops, cutout, pad))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# To the model's input
+
+
+def resize(x: Tensor, size: int | tuple[int, int]) -> Tensor:
+    """Bilinear, antialiased resize, as PIL's BILINEAR in the reference's `transforms.Resize`; STL-10 is
+    augmented at 96 px, then resized to the model's 32 px. uint8 in -> uint8 out; float in -> float out.
+
+    For uint8, PIL resamples in two passes, width then height, each rounded half up to uint8; doing the same
+    makes integer-factor reductions (96 -> 32) bit-identical to PIL. Other ratios land within 2 levels.
+
+    Shape: (B, C, H, W) -> (B, C, size_h, size_w).
+    """
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if x.dtype != torch.uint8:
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    out = x.float()
+    for pass_size in ((x.shape[-2], size[1]), size):
+        out = F.interpolate(out, size=pass_size, mode="bilinear", align_corners=False, antialias=True)
+        out = out.add_(0.5).floor_().clamp_(0, 255)
+    return out.to(torch.uint8)
+
+
+def normalize(x: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:
+    """(x / 255 - mean) / std per channel, in float32: the reference's ToTensor + Normalize.
+
+    Pass mean and std as tensors on x's device to spare a host-to-device copy per call.
+
+    Shape: x (B, C, H, W) uint8; mean, std (C,) -> (B, C, H, W) float32.
+    """
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    return (x.float() / 255 - mean) / std
