@@ -36,6 +36,7 @@ from trainables.evaluate import Window, predict_logits, split_metrics
 from trainables.losses import fixmatch_mask, unlabeled_ce
 from trainables.methods import build_method
 from trainables.methods.base import Method, MethodContext
+from trainables.methods.la import log_prior
 from trainables.metrics import EvalHistory, class_groups, confusion_matrix, per_class_table
 from trainables.models import build_model
 
@@ -48,7 +49,7 @@ def lr_at(step: int, total: int, cfg: OptimConfig) -> float:
     """Constant, or FixMatch's cosine: lr * cos(7 pi k / (16 K)) for k = step, K = total iterations."""
     if cfg.schedule == "constant":
         return cfg.lr
-    return cfg.lr * math.cos(math.pi * cfg.cosine_fraction * 2 * step / total)
+    return cfg.lr * math.cos(math.pi * cfg.cosine_fraction * step / total)
 
 
 @dataclass
@@ -125,7 +126,7 @@ class Run:
             self.forward = torch.compile(self._features_and_logits)
         counts = data.labeled_counts
         self.groups = class_groups(counts)
-        self.log_prior = torch.log(torch.as_tensor(counts, dtype=torch.float32) / counts.sum())
+        self.log_prior = log_prior(torch.as_tensor(counts))
         self.method: Method = build_method(
             cfg.method,
             MethodContext(
@@ -195,7 +196,7 @@ class Run:
                 feat_lb_ema = self.ema.module.encode(x_lb).float()
         method.pseudo_label.observe(feat_lb_ema, y_lb, pseudo_label, step)
         method.unlabeled_weighting.observe(pseudo_label, mask, step)
-        losses = {"loss": loss, "loss_x": loss_x, "loss_u": loss_u, "loss_extra": pl.loss}
+        losses = {"loss": loss, "loss_x": loss_x, "loss_u": loss_u, **pl.logs}
         window.add(losses, idx_ulb, pseudo_label, mask, pl.diagnostics)
         self.step += 1
 

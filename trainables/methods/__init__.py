@@ -28,7 +28,9 @@ LABELED_LOSS: dict[LabeledLossName, Callable[[MethodConfig, MethodContext], Labe
     "class_balanced": lambda cfg, ctx: ClassBalancedCE.from_config(cfg.drw, ctx),
     "logit_adjustment": lambda cfg, ctx: LogitAdjustedCE.from_config(cfg.la, ctx),
 }
-UNLABELED_WEIGHTING: dict[UnlabeledWeightName, Callable[[MethodConfig, MethodContext], UnlabeledWeighting]] = {
+UNLABELED_WEIGHTING: dict[
+    UnlabeledWeightName, Callable[[MethodConfig, MethodContext], UnlabeledWeighting]
+] = {
     "none": lambda cfg, ctx: NoWeighting(),
     "drw": lambda cfg, ctx: DynamicReweighting.from_config(cfg.drw, ctx),
 }

@@ -36,7 +36,8 @@ class PseudoLabelOutput:
     loss: Tensor  # scalar extra loss already weighted (e.g. lambda_align * L_align); 0 when none
     # hard labels (U,) of intermediate pseudo-labels for diagnostics, keyed by metric prefix, e.g. "pl_linear"
     diagnostics: dict[str, Tensor] = field(default_factory=dict)
-    logs: dict[str, float] = field(default_factory=dict)  # scalars for train/ metrics, e.g. "train/loss_align"
+    # per-step scalar tensors averaged over the evaluation window as train/<key>, e.g. "loss_align" (no host sync)
+    logs: dict[str, Tensor] = field(default_factory=dict)
 
 
 class PseudoLabelTransform(Protocol):

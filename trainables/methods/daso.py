@@ -1,10 +1,10 @@
 """DASO: distribution-aware semantics-oriented pseudo-labels (Oh et al., CVPR 2022).
 
-The linear pseudo-label p (softmax of the classifier) is biased toward head classes, the semantic one q (softmax
-of cosine similarities to class prototypes) toward tail classes. DASO blends them per sample with a weight v_k'
-read off the recent pseudo-label histogram, where k' = argmax p: a sample the classifier puts in a frequently
-predicted class leans on q. A semantic alignment loss pulls strong-view features toward the weak view's
-prototype assignment.
+The linear pseudo-label p (softmax of the classifier) is biased toward head classes, the semantic one q
+(softmax of cosine similarities to class prototypes) toward tail classes. DASO blends them per sample with a
+weight v_k' read off the recent pseudo-label histogram, where k' = argmax p: a sample the classifier puts in a
+frequently predicted class leans on q. A semantic alignment loss pulls strong-view features toward the weak
+view's prototype assignment.
 
 Notation: U unlabeled samples, C classes, D feature dimension, L per-class queue length.
 """
@@ -17,10 +17,10 @@ from torch import Tensor
 
 from trainables.config import DasoConfig
 from trainables.losses import soft_ce
-from trainables.metrics import per_class
 from trainables.methods.base import MethodContext, PseudoLabelOutput
+from trainables.metrics import per_class
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Pure functions
 
 
@@ -98,13 +98,13 @@ def semantic_alignment_loss(
 
 
 def queue_slots(labels: Tensor, ptr: Tensor, queue_len: int, num_classes: int) -> tuple[Tensor, Tensor]:
-    """Where a batch of labeled features goes in the balanced per-class FIFO queue, without leaving the device.
+    """Where a batch of labeled features goes in the balanced per-class FIFO queue, computed on the device.
 
     The r-th sample of class c in the batch (r = 0, 1, ...) goes to slot (ptr_c + r) mod L of class c, flat
-    index c * L + slot. When a batch holds n_c > L samples of class c, only its last L are kept; the others get
-    the discard index C * L (one spare row after the queue).
+    index c * L + slot. When a batch holds n_c > L samples of class c, only its last L are kept; the others
+    get the discard index C * L (one spare row after the queue).
 
-    Shape: labels (B,) int64, ptr (C,) int64 -> flat indices (B,) int64 in [0, C * L], per-class counts n (C,).
+    Shape: labels (B,) int64, ptr (C,) int64 -> flat indices (B,) int64 in [0, C * L], counts n (C,) int64.
     """
     onehot = labels.unsqueeze(1) == torch.arange(num_classes, device=labels.device)  # (B, C)
     seen = onehot.long().cumsum(dim=0)  # (B, C) samples of each class up to and including row i
@@ -116,10 +116,10 @@ def queue_slots(labels: Tensor, ptr: Tensor, queue_len: int, num_classes: int) -
 
 
 def resolve_t_dist(t_dist: float | str, dataset: str, gamma_l: float, gamma_u: float | str) -> float:
-    """T_dist "auto": 1.5 on CIFAR-10-like data with gamma_l == gamma_u, 0.5 on image folders (Semi-Aves), else 0.3.
+    """T_dist "auto": 1.5 on CIFAR-10-like data with gamma_l == gamma_u, 0.5 on image folders, else 0.3.
 
-    The DASO paper's defaults: a matched CIFAR-10 profile wants a sharp v (1.5); CIFAR-100, STL-10 and mismatched
-    unlabeled profiles want a flatter one (0.3). The synthetic set stands in for CIFAR-10.
+    The DASO paper's defaults: 1.5 for a matched CIFAR-10 profile; 0.3 for CIFAR-100, STL-10 and mismatched
+    unlabeled profiles; 0.5 for Semi-Aves (image folders). The synthetic set stands in for CIFAR-10.
     """
     if t_dist != "auto":
         return float(t_dist)
@@ -130,7 +130,7 @@ def resolve_t_dist(t_dist: float | str, dataset: str, gamma_l: float, gamma_u: f
     return 0.3
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # The pseudo-label transform
 
 
@@ -138,14 +138,14 @@ class DasoPseudoLabel:
     """DASO as a pseudo-label transform: p -> p' plus lambda_align * L_align.
 
     State (all on the training device, all saved with the run):
-    - a balanced feature queue, L slots per class, filled in `observe` from the EMA encoder's features of the weak
-      labeled views (raw features, as the reference);
-    - the histogram of the final hard pseudo-labels argmax p' of EVERY unlabeled sample (confident or not) over
-      the current window of `window` iterations, and the histogram of the last closed window, which sets v.
-      Windows are counted in `observe` calls; a window's histogram replaces the previous one when it closes.
-      Until the first window closes v = 0 (linear pseudo-label only; see `blend_weights`).
-    During the first `warmup` iterations p' = p and L_align is off; the queue and the histogram fill all the same.
-    `const_v` (ablation) replaces v by that constant for every class.
+    - a balanced feature queue, L slots per class, filled in `observe` from the EMA encoder's features of the
+      weak labeled views (raw features, as the reference);
+    - the histogram of the final hard pseudo-labels argmax p' of EVERY unlabeled sample (confident or not)
+      over the current window of `window` iterations, and the histogram of the last closed window, which sets
+      v. Windows are counted in `observe` calls; a window's histogram replaces the previous one when it
+      closes. Until the first window closes v = 0 (linear pseudo-label only; see `blend_weights`).
+    During the first `warmup` iterations p' = p and L_align is off; the queue and the histogram fill all the
+    same. `const_v` (ablation) replaces v by that constant for every class.
     """
 
     needs_ema_labeled_features = True
@@ -175,7 +175,6 @@ class DasoPseudoLabel:
         self.window_hist = torch.zeros(num_classes, dtype=torch.long, device=self.device)
         self.window_iters = 0
         self.closed_hist = torch.zeros(num_classes, dtype=torch.long, device=self.device)
-        self.last_loss_align = torch.zeros((), device=self.device)
         self.v = self._blend_weights()
 
     @classmethod
@@ -216,13 +215,15 @@ class DasoPseudoLabel:
             probs = daso_blend(probs_w, q, self.v)
         if self.lambda_align > 0:
             loss_align = semantic_alignment_loss(q, feat_s, protos, has_proto, self.t_proto)
-            self.last_loss_align = loss_align.detach()
             loss = self.lambda_align * loss_align
+            return PseudoLabelOutput(probs, loss, diagnostics, logs={"loss_align": loss_align.detach()})
         return PseudoLabelOutput(probs=probs, loss=loss, diagnostics=diagnostics)
 
     def observe(self, feat_lb_ema: Tensor | None, y_lb: Tensor, pseudo_label: Tensor, step: int) -> None:
         if feat_lb_ema is None:
-            raise ValueError("DASO needs the EMA encoder's labeled features (needs_ema_labeled_features is True)")
+            raise ValueError(
+                "DASO needs the EMA encoder's labeled features (needs_ema_labeled_features is True)"
+            )
         flat, counts = queue_slots(y_lb, self.queue_ptr, self.queue_len, self.num_classes)
         self._slots.index_copy_(0, flat, feat_lb_ema.detach().to(self._slots.dtype))
         self.queue_ptr = (self.queue_ptr + counts) % self.queue_len
@@ -237,8 +238,8 @@ class DasoPseudoLabel:
             self.v = self._blend_weights()
 
     def metrics(self) -> dict[str, float]:
-        """v in use (daso/v/cNN) and the alignment loss of the latest step (0 until DASO is active)."""
-        return {**per_class("daso/v", self.v), "train/loss_align": float(self.last_loss_align)}
+        """The blending weights v in use (daso/v/cNN)."""
+        return per_class("daso/v", self.v)
 
     def state_dict(self) -> dict:
         return {
@@ -248,7 +249,6 @@ class DasoPseudoLabel:
             "window_hist": self.window_hist.clone(),
             "window_iters": self.window_iters,
             "closed_hist": self.closed_hist.clone(),
-            "last_loss_align": self.last_loss_align.clone(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -258,8 +258,8 @@ class DasoPseudoLabel:
         for key, value in current.items():
             if isinstance(value, Tensor) and tuple(state[key].shape) != tuple(value.shape):
                 raise ValueError(
-                    f"DASO state {key!r} has shape {tuple(state[key].shape)}, this run expects {tuple(value.shape)} "
-                    "(C classes, L queue length, D feature dimension)"
+                    f"DASO state {key!r} has shape {tuple(state[key].shape)}, this run expects "
+                    f"{tuple(value.shape)} (C classes, L queue length, D feature dimension)"
                 )
         self.queue.copy_(state["queue"])
         self.queue_ptr = state["queue_ptr"].to(self.device, torch.long).clone()
@@ -267,5 +267,4 @@ class DasoPseudoLabel:
         self.window_hist = state["window_hist"].to(self.device, torch.long).clone()
         self.window_iters = int(state["window_iters"])
         self.closed_hist = state["closed_hist"].to(self.device, torch.long).clone()
-        self.last_loss_align = state["last_loss_align"].to(self.device, torch.float32).clone()
         self.v = self._blend_weights()

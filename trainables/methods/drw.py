@@ -1,8 +1,8 @@
 """Class re-weighting by effective numbers: fixed on the labeled loss, dynamic on the unlabeled loss.
 
 Cui et al., "Class-Balanced Loss Based on Effective Number of Samples" (CVPR 2019) give the weights; DRw
-("Dynamic Re-weighting for Long-tailed Semi-supervised Learning", WACV 2023) applies them to the labeled loss with
-the labeled counts (eq. 9) and to the unlabeled loss with the current pseudo-label counts (eq. 8/10).
+("Dynamic Re-weighting for Long-tailed Semi-supervised Learning", WACV 2023) applies them to the labeled loss
+with the labeled counts (eq. 9) and to the unlabeled loss with the current pseudo-label counts (eq. 8/10).
 """
 
 from __future__ import annotations
@@ -12,17 +12,17 @@ from torch import Tensor
 
 from trainables.config import DrwConfig
 from trainables.losses import labeled_ce
-from trainables.metrics import per_class
 from trainables.methods.base import MethodContext, Stateless
+from trainables.metrics import per_class
 
 
 def effective_number_weights(counts: Tensor, beta: float) -> Tensor:
     """Class-balanced weights w_c = (1 - beta) / (1 - beta^n_c), normalised to sum to C (Cui et al. eq. 2-3).
 
-    1 / w_c is the effective number of samples E(n_c) = (1 - beta^n_c) / (1 - beta). Counts are clamped to >= 1
-    so a class nobody predicts gets the weight of a single sample, not an infinite one. beta = 0 gives all ones
-    (bit-exactly: 0^n = 0 and C / C = 1); beta -> 1 tends to inverse frequency. Computed in float64 because
-    1 - beta^n loses digits in float32 when beta is close to 1.
+    1 / w_c is the effective number of samples E(n_c) = (1 - beta^n_c) / (1 - beta). Counts are clamped to
+    >= 1 so a class nobody predicts gets the weight of a single sample, not an infinite one. beta = 0 gives
+    all ones (bit-exactly: 0^n = 0 and C / C = 1); beta -> 1 tends to inverse frequency. Computed in float64
+    because 1 - beta^n loses digits in float32 when beta is close to 1.
 
     Shape: counts (C,) -> w (C,) float32.
     """
@@ -43,7 +43,7 @@ def confident_counts(pseudo_label: Tensor, mask: Tensor, num_classes: int) -> Te
 
 
 class ClassBalancedCE(Stateless):
-    """Labeled loss mean_i w_{y_i} CE(logits_i, y_i) with fixed weights from the labeled class counts (DRw eq. 9)."""
+    """Labeled loss mean_i w_{y_i} CE(logits_i, y_i), weights fixed by the labeled counts (DRw eq. 9)."""
 
     def __init__(self, labeled_counts: Tensor, beta: float) -> None:
         self.weights = effective_number_weights(labeled_counts, beta)
@@ -61,12 +61,13 @@ class DynamicReweighting:
 
     Counted are the CONFIDENT pseudo-labels (mask = 1): those are the samples the unlabeled loss trains on, so
     their class counts are the imbalance the loss sees. Two ways to count:
-    - "window": the confident counts of the last `window` training batches (a ring buffer; fewer batches until
-      it is full);
-    - "ema_pass": the confident counts of the EMA model over the whole unlabeled set, from a pass the loop runs
-      before step `start` and every `pass_every` steps after.
-    From step `start` on, each masked sample's CE is multiplied by effective_number_weights(counts, beta) of its
-    pseudo-label; before, the unlabeled loss is unweighted. Counting starts at step 0 in either mode.
+    - "window": the confident counts of the last `window` training batches (a ring buffer; fewer batches
+      until it is full);
+    - "ema_pass": the confident counts of the EMA model over the whole unlabeled set, from a pass the loop
+      runs before step `start` and every `pass_every` steps after.
+    From step `start` on, each masked sample's CE is multiplied by the weight of its pseudo-label,
+    effective_number_weights(counts, beta); before, the unlabeled loss is unweighted. In "window" mode
+    counting starts at step 0, so the window is full when the weights switch on (if start >= window).
     """
 
     def __init__(
@@ -142,7 +143,8 @@ class DynamicReweighting:
             if tuple(state[key].shape) != tuple(current[key].shape):
                 raise ValueError(
                     f"DRw state {key!r} has shape {tuple(state[key].shape)}, this run expects "
-                    f"{tuple(current[key].shape)} (count={self.count!r}, window={self.window}, C={self.num_classes})"
+                    f"{tuple(current[key].shape)} (count={self.count!r}, window={self.window}, "
+                    f"C={self.num_classes})"
                 )
         self.ring = state["ring"].to(self.device, torch.long).clone()
         self.ring_pos = int(state["ring_pos"])

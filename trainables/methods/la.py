@@ -1,8 +1,8 @@
 """Logit adjustment (Menon et al., "Long-tail learning via logit adjustment", ICLR 2021).
 
 Train time (eq. 10): the labeled loss sees logits + tau log pi, so the network learns logits that already
-discount the prior. Post hoc (eq. 9): an ordinary network's logits are corrected to logits - tau log pi. pi is the
-labeled class prior.
+discount the prior. Post hoc (eq. 9): an ordinary network's logits are corrected to logits - tau log pi.
+pi is the labeled class prior.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from trainables.methods.base import MethodContext, Stateless
 def log_prior(counts: Tensor) -> Tensor:
     """log pi_c = log(n_c / sum_j n_j), counts clamped to >= 1.
 
-    The clamp keeps a class absent from the labeled set at a finite prior (that of one sample); log 0 would make
-    its post-hoc adjusted logit +inf.
+    The clamp keeps a class absent from the labeled set at a finite prior (that of one sample); log 0 would
+    make its post-hoc adjusted logit +inf.
 
     Shape: counts (C,) -> (C,) float32.
     """

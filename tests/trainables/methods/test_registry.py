@@ -1,0 +1,138 @@
+import io
+import typing
+
+import numpy as np
+import pytest
+import torch
+
+from trainables.config import (
+    PRESETS,
+    LabeledLossName,
+    MethodConfig,
+    PseudoLabelName,
+    UnlabeledWeightName,
+)
+from trainables.losses import fixmatch_mask, unlabeled_ce
+from trainables.methods import LABELED_LOSS, PSEUDO_LABEL, UNLABELED_WEIGHTING, build_method
+from trainables.methods.base import MethodContext
+from trainables.methods.daso import DasoPseudoLabel
+from trainables.methods.drw import ClassBalancedCE, DynamicReweighting
+from trainables.methods.la import LogitAdjustedCE
+
+C, D, B, U = 4, 8, 6, 12
+CTX = MethodContext(
+    num_classes=C,
+    labeled_counts=np.array([40, 20, 8, 2]),
+    feature_dim=D,
+    device=torch.device("cpu"),
+    dataset="synthetic",
+    gamma_l=20.0,
+    gamma_u=20.0,
+)
+EXPECTED_TYPES = {
+    "daso": DasoPseudoLabel,
+    "class_balanced": ClassBalancedCE,
+    "logit_adjustment": LogitAdjustedCE,
+    "drw": DynamicReweighting,
+}
+
+
+def method_config(preset: str) -> MethodConfig:
+    """Small windows so that a handful of steps exercises warm-up end, window closes and the DRw start."""
+    pseudo, labeled, unlabeled = PRESETS[preset]
+    raw: dict = {"preset": preset}
+    if pseudo == "daso":
+        raw["daso"] = {"queue_len": 3, "window": 2, "warmup": 2}
+    if labeled == "class_balanced" or unlabeled == "drw":
+        raw["drw"] = {"start": 2, "window": 3}
+    return MethodConfig.model_validate(raw)
+
+
+def loop_steps(method, generator: torch.Generator, steps) -> list[torch.Tensor]:
+    """The loop's calls, in its order, on random tensors on the generator's device; returns the losses."""
+    kw = dict(generator=generator, device=generator.device)
+    losses = []
+    for step in steps:
+        if method.unlabeled_weighting.wants_pass(step):
+            mask, pseudo_label = fixmatch_mask(torch.rand(20, C, **kw).softmax(dim=1), 0.3)
+            method.unlabeled_weighting.observe_pass(pseudo_label, mask, step)
+        logits_lb, y_lb = torch.randn(B, C, **kw), torch.randint(0, C, (B,), **kw)
+        probs_w = (3 * torch.randn(U, C, **kw)).softmax(dim=1)
+        feat_w, feat_s, logits_s = torch.randn(U, D, **kw), torch.randn(U, D, **kw), torch.randn(U, C, **kw)
+        out = method.pseudo_label(probs_w, feat_w, feat_s, step)
+        mask, yhat = fixmatch_mask(out.probs, 0.5)
+        weights = method.unlabeled_weighting.class_weights(step)
+        loss = method.labeled_loss(logits_lb, y_lb) + unlabeled_ce(logits_s, yhat, mask, weights) + out.loss
+        feat_lb_ema = torch.randn(B, D, **kw) if method.pseudo_label.needs_ema_labeled_features else None
+        method.pseudo_label.observe(feat_lb_ema, y_lb, out.probs.argmax(dim=1), step)
+        method.unlabeled_weighting.observe(yhat, mask, step)
+        losses.append(loss.detach())
+    return losses
+
+
+def assert_same_state(a, b) -> None:
+    if isinstance(a, dict):
+        assert set(a) == set(b)
+        for key in a:
+            assert_same_state(a[key], b[key])
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    else:
+        assert a == b
+
+
+def test_registry_keys_are_the_schema_literals():
+    assert set(PSEUDO_LABEL) == set(typing.get_args(PseudoLabelName))
+    assert set(LABELED_LOSS) == set(typing.get_args(LabeledLossName))
+    assert set(UNLABELED_WEIGHTING) == set(typing.get_args(UnlabeledWeightName))
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_build_method_and_state_round_trip(preset):
+    """Every preset builds its named components; after 5 loop steps the method's state survives
+    torch.save / torch.load(weights_only=True) into a freshly built method, and both continue identically."""
+    cfg = method_config(preset)
+    method = build_method(cfg, CTX)
+    for name, component in zip(
+        PRESETS[preset], (method.pseudo_label, method.labeled_loss, method.unlabeled_weighting), strict=True
+    ):
+        if name in EXPECTED_TYPES:
+            assert isinstance(component, EXPECTED_TYPES[name])
+
+    loop_steps(method, torch.Generator().manual_seed(0), range(5))
+    buffer = io.BytesIO()
+    torch.save(method.state_dict(), buffer)
+    buffer.seek(0)
+    restored = build_method(cfg, CTX)
+    restored.load_state_dict(torch.load(buffer, weights_only=True))
+    assert_same_state(method.state_dict(), restored.state_dict())
+    assert restored.metrics() == method.metrics()
+
+    a = loop_steps(method, torch.Generator().manual_seed(1), range(5, 9))
+    b = loop_steps(restored, torch.Generator().manual_seed(1), range(5, 9))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert_same_state(method.state_dict(), restored.state_dict())
+
+
+def test_daso_t_dist_auto_is_resolved_from_the_context():
+    """synthetic data with gamma_l == gamma_u -> 1.5; the same with a uniform unlabeled set -> 0.3."""
+    cfg = method_config("fixmatch_daso")
+    assert build_method(cfg, CTX).pseudo_label.t_dist == 1.5
+    uniform = MethodContext(**{**CTX.__dict__, "gamma_u": 1.0})
+    assert build_method(cfg, uniform).pseudo_label.t_dist == 0.3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_per_step_calls_do_not_synchronise_with_the_host(preset):
+    """Every call the loop makes per step stays on the device: CUDA's sync debug mode turns any host-device
+    synchronisation (.item(), boolean-mask indexing, a device-to-host copy) into an error."""
+    device = torch.device("cuda")
+    method = build_method(method_config(preset), MethodContext(**{**CTX.__dict__, "device": device}))
+    generator = torch.Generator(device=device).manual_seed(0)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loop_steps(method, generator, range(6))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -1,0 +1,87 @@
+"""The Ray Tune adapter: one Tune trial = one `trainables.loop.train` call. Knows Ray; the loop does not.
+
+The Tune config is the trial's resolved `RunConfig` as a plain dict plus a `service` entry of metadata (ignored
+here). A restored trial (a retry after a failure, or `--resume`) gets its latest Tune checkpoint copied back into
+`out_dir/checkpoint` and the loop continues from it. Every evaluation is reported with `tune.report`, with the loop's
+checkpoint directory when one was written. The last evaluation is reported once training has returned, so its
+checkpoint also carries the final per-class table and confusion matrix (`artifacts/`): the driver's MLflow logger
+reads them from there, which works wherever the trial ran.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from trainables.config import RunConfig, validate
+
+SERVICE_KEY = "service"
+CHECKPOINT = "checkpoint"  # the loop's resumable state, under out_dir
+ARTIFACTS = "artifacts"  # the loop's final tables, under out_dir and inside the last Tune checkpoint
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """The function trainable given to `tune.Tuner`."""
+    from trainables.loop import train  # imported in the worker: the driver never needs torch's training stack
+
+    # Ray logs a line per persisted checkpoint, i.e. per evaluation of every trial; the sweep's own log says enough
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+    context = tune.get_context()
+    run = {k: v for k, v in config.items() if k != SERVICE_KEY}
+    cfg: RunConfig = validate(RunConfig, run, source=f"trial {context.get_trial_id()} config")
+    out_dir = Path(context.get_trial_dir()) / "run"
+    restored = tune.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as src:
+            restore_checkpoint(Path(src), out_dir / CHECKPOINT)
+    reporter = TuneReporter(cfg, out_dir)
+    train(cfg, out_dir, report=reporter, resume=restored is not None, progress=False)
+    reporter.report_last()
+
+
+def evaluation_index(step: int, eval_every: int) -> int:
+    """1-based index of the evaluation at training step `step`; the last one may fall between two cadences."""
+    return max(1, math.ceil(step / eval_every))
+
+
+def restore_checkpoint(src: Path, dst: Path) -> None:
+    """Replace the loop's checkpoint directory with a Tune checkpoint's content (minus the final artifacts)."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(ARTIFACTS))
+
+
+class TuneReporter:
+    """The loop's `report` callback: forwards each evaluation to Tune; holds back the last until training ends."""
+
+    def __init__(self, cfg: RunConfig, out_dir: Path):
+        self.cfg = cfg
+        self.out_dir = out_dir
+        self.last: tuple[dict[str, float], Path | None] | None = None
+
+    def __call__(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        metrics = {**metrics, "evaluation": evaluation_index(int(metrics["step"]), self.cfg.train.eval_every)}
+        if int(metrics["step"]) >= self.cfg.train.iterations:
+            self.last = (metrics, checkpoint_dir)
+            return
+        checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        tune.report(metrics, checkpoint=checkpoint)
+
+    def report_last(self) -> None:
+        if self.last is None:
+            return
+        metrics, checkpoint_dir = self.last
+        final = self.out_dir / "final_report"
+        if final.exists():
+            shutil.rmtree(final)
+        if checkpoint_dir is not None:
+            shutil.copytree(checkpoint_dir, final)
+        final.mkdir(parents=True, exist_ok=True)
+        if (self.out_dir / ARTIFACTS).is_dir():
+            shutil.copytree(self.out_dir / ARTIFACTS, final / ARTIFACTS)
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(final)))
