@@ -6,8 +6,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = {"ray", "optuna", "mlflow", "service"}
 ADAPTER = ROOT / "trainables" / "ray_trainable.py"  # the one thin Ray Tune adapter
-PURE_MATH = ["trainables/losses.py", "trainables/methods/daso.py", "trainables/methods/drw.py",
-             "trainables/methods/la.py"]
+PURE_MATH = [
+    "trainables/losses.py",
+    "trainables/methods/daso.py",
+    "trainables/methods/drw.py",
+    "trainables/methods/la.py",
+]
 
 
 def imported_roots(path: Path) -> set[str]:

@@ -94,10 +94,18 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     base = [
-        f"train.device={args.device}", f"model.depth={args.depth}", f"model.widen={args.widen}",
-        f"train.batch_size={args.batch_size}", f"train.mu={args.mu}", f"method.preset={args.preset}",
-        "data.dataset=synthetic", "data.n1=500", "data.m1=1000", "data.synthetic.pool_per_class=1100",
-        "data.synthetic.test_per_class=10", "data.resident=device",
+        f"train.device={args.device}",
+        f"model.depth={args.depth}",
+        f"model.widen={args.widen}",
+        f"train.batch_size={args.batch_size}",
+        f"train.mu={args.mu}",
+        f"method.preset={args.preset}",
+        "data.dataset=synthetic",
+        "data.n1=500",
+        "data.m1=1000",
+        "data.synthetic.pool_per_class=1100",
+        "data.synthetic.test_per_class=10",
+        "data.resident=device",
     ]
     device = resolve_runtime(load_config(None, base)).device
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
@@ -105,8 +113,10 @@ def main(argv: list[str] | None = None) -> None:
 
     a = bench_augment(device, args.batch_size * args.mu, args.aug_repeats, args.pil_images)
     print(f"strong augmentation, {args.batch_size * args.mu} images of 32x32 per batch:")
-    print(f"  batched on {device.type}: {a['batched_img_s']:,.0f} img/s | per-image PIL: {a['pil_img_s']:,.0f} img/s"
-          f" | ratio {a['ratio']:.1f}x")
+    print(
+        f"  batched on {device.type}: {a['batched_img_s']:,.0f} img/s | per-image PIL: {a['pil_img_s']:,.0f} img/s"
+        f" | ratio {a['ratio']:.1f}x"
+    )
 
     print(f"training steps: WRN-{args.depth}-{args.widen}, B={args.batch_size}, mu={args.mu}, preset={args.preset}")
     results = {}

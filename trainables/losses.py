@@ -34,9 +34,7 @@ def labeled_ce(logits: Tensor, targets: Tensor, class_weights: Tensor | None = N
     return ce.mean()
 
 
-def unlabeled_ce(
-    logits_s: Tensor, pseudo_label: Tensor, mask: Tensor, class_weights: Tensor | None = None
-) -> Tensor:
+def unlabeled_ce(logits_s: Tensor, pseudo_label: Tensor, mask: Tensor, class_weights: Tensor | None = None) -> Tensor:
     """L_u = (1 / U) sum_i mask_i w_{yhat_i} CE(logits_s_i, yhat_i); w = 1 without class weights.
 
     Divided by the whole unlabeled batch size U = mu * B, not by the number of confident samples (FixMatch eq. 4).

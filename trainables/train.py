@@ -21,8 +21,14 @@ EXIT_BAD_INPUT = 2
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m trainables.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="run configuration (YAML)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a field, e.g. --set train.iterations=2000 --set method.preset=fixmatch_daso")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field, e.g. --set train.iterations=2000 --set method.preset=fixmatch_daso",
+    )
     ap.add_argument("--out", help="output directory (default: runs/<name>)")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     return ap.parse_args(argv)
@@ -37,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     out = Path(args.out or Path("runs") / cfg.name)
     if not args.resume and (out / "checkpoint").exists():
-        print(f"error: {out} already holds a run with a checkpoint; pass --resume to continue it or choose "
-              "another --out", file=sys.stderr)
+        print(
+            f"error: {out} already holds a run with a checkpoint; pass --resume to continue it or choose another --out",
+            file=sys.stderr,
+        )
         return EXIT_BAD_INPUT
 
     from trainables.data import build_data  # after validation: these pull in torch

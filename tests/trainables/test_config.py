@@ -35,7 +35,10 @@ def test_every_preset_gets_exactly_its_blocks(preset):
 
 def test_overrides_parse_yaml_scalars_and_nest():
     assert parse_overrides(["a.b=3", "a.c=0.5", "d=reversed", "e=true"]) == {
-        "a": {"b": 3, "c": 0.5}, "d": "reversed", "e": True}
+        "a": {"b": 3, "c": 0.5},
+        "d": "reversed",
+        "e": True,
+    }
 
 
 @pytest.mark.parametrize(
@@ -83,9 +86,20 @@ def test_cli_exits_2_before_loading_data(tmp_path):
     """A bad field stops the CLI with exit code 2, a message naming it, and no output directory written."""
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "trainables.train", "--config", str(ROOT / "trainables/configs/cpu_synthetic.yaml"),
-         "--set", "method.preset=daso", "--out", str(out)],
-        capture_output=True, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "trainables.train",
+            "--config",
+            str(ROOT / "trainables/configs/cpu_synthetic.yaml"),
+            "--set",
+            "method.preset=daso",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert proc.returncode == 2
     assert "method.preset" in proc.stderr and "fixmatch_daso" in proc.stderr
@@ -94,8 +108,19 @@ def test_cli_exits_2_before_loading_data(tmp_path):
 
 def test_cli_bad_set_syntax(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "trainables.train", "--config", str(ROOT / "trainables/configs/cpu_synthetic.yaml"),
-         "--set", "train.iterations", "--out", str(tmp_path / "o")],
-        capture_output=True, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "trainables.train",
+            "--config",
+            str(ROOT / "trainables/configs/cpu_synthetic.yaml"),
+            "--set",
+            "train.iterations",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert proc.returncode == 2 and "expected key=value" in proc.stderr

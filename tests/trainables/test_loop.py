@@ -32,20 +32,36 @@ def without_timing(rows):
 
 def test_outputs_and_report_cadence(tmp_path):
     seen = []
-    final = train(tiny_config(), tmp_path, report=lambda m, c: seen.append((m["step"], c)), progress=False,
-                  data=random_data())
+    final = train(
+        tiny_config(), tmp_path, report=lambda m, c: seen.append((m["step"], c)), progress=False, data=random_data()
+    )
     assert [s for s, _ in seen] == [10, 20, 30]
     assert all(c == tmp_path / "checkpoint" for _, c in seen)
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [10, 20, 30] and rows[-1] == final
-    for key in ["train/loss", "train/loss_x", "train/loss_u", "train/lr", "train/it_per_s", "val/top1",
-                "val/balanced_acc", "test/recall/c03", "test/precision/c00", "val/recall_tail", "val/top1_med20",
-                "pl/count/c02", "pl/mask_ratio", "val/top1_la"]:
+    for key in [
+        "train/loss",
+        "train/loss_x",
+        "train/loss_u",
+        "train/lr",
+        "train/it_per_s",
+        "val/top1",
+        "val/balanced_acc",
+        "test/recall/c03",
+        "test/precision/c00",
+        "val/recall_tail",
+        "val/top1_med20",
+        "pl/count/c02",
+        "pl/mask_ratio",
+        "val/top1_la",
+    ]:
         assert key in final, key
     assert (tmp_path / "artifacts" / "confusion_test.csv").is_file()
     assert (tmp_path / "artifacts" / "per_class_test.csv").is_file()
-    assert json.loads((tmp_path / "counts.json").read_text())["labeled"] == np.bincount(
-        random_data().labeled.labels, minlength=4).tolist()
+    assert (
+        json.loads((tmp_path / "counts.json").read_text())["labeled"]
+        == np.bincount(random_data().labeled.labels, minlength=4).tolist()
+    )
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine"])
@@ -58,7 +74,8 @@ def test_resume_equals_uninterrupted(tmp_path, schedule):
     resumed = train(cfg, tmp_path / "cut", resume=True, progress=False, data=random_data())
     assert without_timing([resumed]) == without_timing([full])
     assert without_timing(read_jsonl(tmp_path / "cut" / "metrics.jsonl")) == without_timing(
-        read_jsonl(tmp_path / "full" / "metrics.jsonl"))
+        read_jsonl(tmp_path / "full" / "metrics.jsonl")
+    )
 
 
 def test_resume_between_checkpoints_drops_the_unsaved_evaluation(tmp_path):
@@ -80,8 +97,13 @@ def test_resume_between_checkpoints_drops_the_unsaved_evaluation(tmp_path):
 def test_resume_refuses_a_different_config(tmp_path):
     train(tiny_config("train.iterations=10"), tmp_path, progress=False, data=random_data())
     with pytest.raises(ValueError, match="train.tau: 0.95 .checkpoint. vs 0.9 .now."):
-        train(tiny_config("train.iterations=10", "train.tau=0.9"), tmp_path, resume=True, progress=False,
-              data=random_data())
+        train(
+            tiny_config("train.iterations=10", "train.tau=0.9"),
+            tmp_path,
+            resume=True,
+            progress=False,
+            data=random_data(),
+        )
 
 
 def test_resume_of_a_finished_run_returns_its_result(tmp_path):
