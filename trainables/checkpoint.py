@@ -14,7 +14,7 @@ STATE_FILE = "state.pt"
 
 
 def save_atomic(state: dict[str, Any], directory: Path) -> Path:
-    """Write `directory/state.pt` so that a kill at any moment leaves either the old or the new file, never a torn one."""
+    """Write `directory/state.pt`; a kill at any moment leaves the old or the new file, never a torn one."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / STATE_FILE
     tmp = directory / f".{STATE_FILE}.{os.getpid()}.tmp"

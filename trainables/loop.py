@@ -112,7 +112,7 @@ class Run:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = ModelEMA(self.model, t.ema_decay)
         decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
+        for p in self.model.parameters():
             (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on BN and biases, as in FixMatch
         o = cfg.optim
         self.optimizer = torch.optim.SGD(
