@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         "data.dataset=synthetic",
         "data.n1=500",
         "data.m1=1000",
-        "data.synthetic.pool_per_class=1100",
+        "data.synthetic.pool_per_class=1700",
         "data.synthetic.test_per_class=10",
         "data.resident=device",
     ]

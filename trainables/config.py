@@ -80,7 +80,7 @@ class DataConfig(Frozen):
     val_size: int | None = Field(
         None, ge=0, description="class-balanced validation carve-out; null = dataset default (CIFAR 5000, STL-10 500)"
     )
-    seed: int = Field(0, description="data seed: the split is a pure function of it")
+    seed: int = Field(0, ge=0, description="data seed: the split is a pure function of it")
     resident: Literal["auto", "device", "host"] = Field(
         "auto", description="keep the uint8 training set on the training device (auto: yes on CUDA)"
     )
