@@ -20,14 +20,14 @@ from ray import tune
 
 from trainables.config import RunConfig, validate
 
-SERVICE_KEY = "service"
-CHECKPOINT = "checkpoint"  # the loop's resumable state, under out_dir
+SERVICE_KEY = "service"  # the Tune config's metadata entry (written by service/sampling.py); the rest is the RunConfig
 ARTIFACTS = "artifacts"  # the loop's final tables, under out_dir and inside the last Tune checkpoint
 
 
 def run_trial(config: dict[str, Any]) -> None:
     """The function trainable given to `tune.Tuner`."""
-    from trainables.loop import train  # imported in the worker: the driver never needs torch's training stack
+    # imported in the worker: the driver, which imports this module for its constants, never needs torch
+    from trainables.loop import CHECKPOINT_DIR, train
 
     # Ray logs a line per persisted checkpoint, i.e. per evaluation of every trial; the sweep's own log says enough
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
@@ -38,7 +38,7 @@ def run_trial(config: dict[str, Any]) -> None:
     restored = tune.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as src:
-            restore_checkpoint(Path(src), out_dir / CHECKPOINT)
+            restore_checkpoint(Path(src), out_dir / CHECKPOINT_DIR)
     reporter = TuneReporter(cfg, out_dir)
     train(cfg, out_dir, report=reporter, resume=restored is not None, progress=False)
     reporter.report_last()
