@@ -52,7 +52,9 @@ class SyntheticConfig(Frozen):
 
     num_classes: int = Field(10, ge=2, le=200)
     image_size: int = Field(32, ge=16, le=96)
-    pool_per_class: int = Field(5000, ge=10, description="train images generated per class before the carve-out (CIFAR: 5000)")
+    pool_per_class: int = Field(
+        5000, ge=10, description="train images generated per class before the carve-out (CIFAR: 5000)"
+    )
     test_per_class: int = Field(1000, ge=1, description="balanced test images per class (CIFAR: 1000)")
 
 
