@@ -2,7 +2,7 @@
 
     python -m trainables.report DIR
 
-Test metrics are the final evaluation's. Pseudo-label metrics are the mean over the evaluation windows of the second
+Only finished runs (with artifacts/) count. Test metrics are the final evaluation's. Pseudo-label metrics are the mean over the evaluation windows of the second
 half of training (one window is a few hundred batches: too noisy alone). `pl/` is the confident pseudo-label that
 trains; `pl_linear/` and `pl_semantic/` are DASO's two sources over all unlabeled samples of the window.
 """
@@ -41,8 +41,8 @@ def summarise(root: Path) -> str:
     header = "| preset | seeds | " + " | ".join(title for _, _, title in COLUMNS) + " |"
     lines = [header, "|" + "---|" * (len(COLUMNS) + 2)]
     for preset_dir in sorted(p for p in Path(root).iterdir() if p.is_dir()):
-        runs = [run_values(m) for m in sorted(preset_dir.glob("seed*/metrics.jsonl"))]
-        runs = [r for r in runs if "test/balanced_acc" in r]
+        finished = [m for m in sorted(preset_dir.glob("seed*/metrics.jsonl")) if (m.parent / "artifacts").is_dir()]
+        runs = [run_values(m) for m in finished]
         if not runs:
             continue
         cells = []

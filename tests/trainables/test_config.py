@@ -1,14 +1,8 @@
 """The run configuration: defaults, presets, and errors that name the field, the value and what is valid."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from trainables.config import PRESETS, ConfigError, RunConfig, load_config, parse_overrides
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_defaults_follow_the_papers():
@@ -80,47 +74,3 @@ def test_error_names_the_file(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(f)
     assert str(f) in str(err.value) and "train.iterations" in str(err.value)
-
-
-def test_cli_exits_2_before_loading_data(tmp_path):
-    """A bad field stops the CLI with exit code 2, a message naming it, and no output directory written."""
-    out = tmp_path / "out"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "trainables.train",
-            "--config",
-            str(ROOT / "trainables/configs/cpu_synthetic.yaml"),
-            "--set",
-            "method.preset=daso",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 2
-    assert "method.preset" in proc.stderr and "fixmatch_daso" in proc.stderr
-    assert not out.exists()
-
-
-def test_cli_bad_set_syntax(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "trainables.train",
-            "--config",
-            str(ROOT / "trainables/configs/cpu_synthetic.yaml"),
-            "--set",
-            "train.iterations",
-            "--out",
-            str(tmp_path / "o"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 2 and "expected key=value" in proc.stderr

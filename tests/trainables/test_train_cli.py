@@ -43,3 +43,17 @@ def test_cli_reports_missing_dataset_files_with_exit_2(tmp_path):
                    "--set", f"data.root={tmp_path}", "--out", str(tmp_path / "o"))  # fmt: skip
     assert proc.returncode == 2
     assert str(tmp_path) in proc.stderr and "download" in proc.stderr
+
+
+def test_cli_exits_2_before_loading_data(tmp_path):
+    """A bad field stops the CLI with exit code 2, a message naming it, and no output directory written."""
+    out = tmp_path / "out"
+    proc = run_cli("--config", str(CONFIG), "--set", "method.preset=daso", "--out", str(out))
+    assert proc.returncode == 2
+    assert "method.preset" in proc.stderr and "fixmatch_daso" in proc.stderr
+    assert not out.exists()
+
+
+def test_cli_bad_set_syntax(tmp_path):
+    proc = run_cli("--config", str(CONFIG), "--set", "train.iterations", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "expected key=value" in proc.stderr

@@ -1,0 +1,112 @@
+"""The Tune side of the search: Optuna as the searcher, ASHA (or nothing) as the scheduler.
+
+`SweepSearch` is Ray's `OptunaSearch` with three changes the sweep needs:
+- suggestions are whole trial configurations (`TrialSampler.tune_config`), not bare parameter values;
+- intermediate values are reported to Optuna at the training step (`step`), not at Tune's report count;
+- a trial the scheduler stopped before its last evaluation is told to Optuna as PRUNED (with its intermediate
+  values) rather than COMPLETE: OptunaSearch would otherwise file it as complete with a half-trained value, and
+  TPE would learn from it as if it were final.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import optuna
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import ConcurrencyLimiter, Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from service.plan import Plan
+from service.sampling import OPTUNA_NUMBER, SAMPLERS, TrialSampler
+
+EVALUATION = "evaluation"  # result key: 1-based evaluation index, ASHA's time unit (added by the trainable)
+STEP = "step"  # result key: training iteration of the evaluation (from the loop)
+TRAINING_ITERATION = "training_iteration"  # Tune's own report counter, which OptunaSearch reports at
+
+
+class SweepSearch(OptunaSearch):
+    def __init__(self, plan: Plan):
+        metrics, modes = plan.spec.search.objectives_lists()
+        storage = None
+        if plan.optuna_storage is not None:
+            storage = optuna.storages.RDBStorage(plan.optuna_storage)
+        self._trial_sampler = TrialSampler(plan)
+        self._final_steps: dict[str, int] = {}  # Tune trial id -> last training step of that trial
+        self._reported: dict[str, int] = {}  # Tune trial id -> last step reported to Optuna
+        super().__init__(
+            space=self._trial_sampler,
+            metric=metrics if len(metrics) > 1 else metrics[0],
+            mode=modes if len(modes) > 1 else modes[0],
+            sampler=SAMPLERS[plan.spec.search.sampler](plan),
+            study_name=plan.sweep_name,
+            storage=storage,
+        )
+
+    @property
+    def study(self) -> optuna.Study:
+        return self._ot_study
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        drawn = super().suggest(trial_id)
+        if drawn is None:
+            return None
+        # OptunaSearch returns Optuna's raw names too (e.g. "1 - method.drw.beta"); keep the configuration paths
+        number = drawn.pop(OPTUNA_NUMBER)
+        values = {k: v for k, v in drawn.items() if k in self._trial_sampler.space or k == "method.preset"}
+        config = self._trial_sampler.tune_config(values, number)
+        self._final_steps[trial_id] = config["train"]["iterations"]
+        self._optuna_trial(trial_id).set_user_attr("tune_trial_id", trial_id)
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        step = int(result[STEP])
+        if step <= self._reported.get(trial_id, -1):
+            return  # a retry re-ran this evaluation after its checkpoint: Optuna keeps the first value
+        self._reported[trial_id] = step
+        super().on_trial_result(trial_id, {**result, TRAINING_ITERATION: step})
+        if isinstance(self.metric, list) and trial_id not in self._completed_trials:
+            # Optuna has no intermediate values for several objectives: keep them as a user attribute
+            trial = self._optuna_trial(trial_id)
+            history = dict(trial.user_attrs.get("intermediate_values", {}))
+            history[str(step)] = {m: result.get(m) for m in self.metric}
+            trial.set_user_attr("intermediate_values", history)
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        if not error and result is not None and STEP in result and trial_id not in self._completed_trials:
+            # the result on which a scheduler stops a trial (ASHA's rung, or max_t at the last evaluation) never
+            # reaches on_trial_result
+            self.on_trial_result(trial_id, result)
+            if int(result[STEP]) < self._final_steps.get(trial_id, math.inf):
+                result = None  # no final value: OptunaSearch tells Optuna PRUNED, valued at the last intermediate
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+    def _optuna_trial(self, trial_id: str) -> optuna.Trial:
+        return self._ot_trials[trial_id]  # OptunaSearch's live trials; it has no public accessor
+
+
+def build_searcher(plan: Plan) -> tuple[Searcher, SweepSearch]:
+    """(what Tune gets, the Optuna searcher inside it)."""
+    search = SweepSearch(plan)
+    limit = plan.spec.search.max_concurrent
+    return (ConcurrencyLimiter(search, max_concurrent=limit) if limit else search), search
+
+
+SCHEDULERS: dict[str, Callable[[Plan], TrialScheduler]] = {
+    "none": lambda plan: FIFOScheduler(),
+    "asha": lambda plan: ASHAScheduler(
+        time_attr=EVALUATION,
+        metric=plan.spec.search.scheduler_objective[0],
+        mode=plan.spec.search.scheduler_objective[1],
+        max_t=max(plan.evaluations(plan.base_config(p)) for p in plan.presets),
+        grace_period=plan.spec.search.scheduler.grace_period,
+        reduction_factor=plan.spec.search.scheduler.reduction_factor,
+        brackets=plan.spec.search.scheduler.brackets,
+    ),
+}
+
+
+def build_scheduler(plan: Plan) -> TrialScheduler:
+    return SCHEDULERS[plan.spec.search.scheduler.type](plan)

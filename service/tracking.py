@@ -1,0 +1,301 @@
+"""MLflow records of a sweep: one parent run per sweep, one child run per Tune trial, all written by the driver.
+
+Why the driver (a Tune callback) and not the trainable: only the driver knows how a trial ended (ASHA stop,
+failure after the last retry, interruption), the Optuna trial number, and the sweep's parent run; workers never need
+to reach the tracking store (a local sqlite file works for a multi-node sweep); and one writer means no sqlite lock
+contention. A child run is found again by its tags (parent run id + Tune trial id), so a retried or `--resume`d trial
+reopens its own run instead of creating a duplicate, and evaluations a retry re-runs are not logged twice (the last
+logged step is kept in a tag).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from ray import tune
+
+from service import leaderboard
+from service.leaderboard import Row
+from service.sampling import SERVICE_KEY
+from trainables.ray_trainable import ARTIFACTS
+
+PARENT = "mlflow.parentRunId"
+COMMIT = "mlflow.source.git.commit"
+ROLE, SWEEP, SPACE_HASH = "ltssl.role", "ltssl.sweep", "ltssl.space_hash"
+TRIAL_ID, OPTUNA_TRIAL, PRESET = "ltssl.tune_trial_id", "ltssl.optuna_trial", "ltssl.preset"
+OUTCOME, LAST_STEP, RETRIES = "ltssl.outcome", "ltssl.last_step", "ltssl.retries"
+PER_CLASS = re.compile(r"/c\d+$")  # per-class keys: val/recall/c03, pl/count/c117, ...
+BATCH = 1000  # MLflow's limit of metrics per log_batch call
+PARAM_BATCH = 100  # and of params
+
+
+@dataclass(frozen=True)
+class SweepRecord:
+    """Where a sweep's runs live. Pickled into the Tune experiment, so a resumed sweep logs to the same place."""
+
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+    sweep_name: str
+    space_hash: str
+    git_commit: str
+    objectives: tuple[tuple[str, str], ...]
+    per_class_every: int
+
+
+def git_commit(root: Path) -> str:
+    """HEAD of the repository at `root`, with `-dirty` when tracked files have changes; `unknown` outside git."""
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, str) else json.dumps(value)
+    return out
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
+    items = [Param(k, v) for k, v in sorted(params.items())]
+    for i in range(0, len(items), PARAM_BATCH):
+        client.log_batch(run_id, params=items[i : i + PARAM_BATCH])
+
+
+def terminal(client: MlflowClient, run_id: str, status: str, outcome: str) -> None:
+    client.set_tag(run_id, OUTCOME, outcome)
+    client.set_terminated(run_id, status=status)
+
+
+class MlflowTrialLogger(tune.Callback):
+    """Child runs for the trials of one sweep (see the module docstring for why this runs in the driver)."""
+
+    def __init__(self, record: SweepRecord):
+        self.record = record
+        self._session()
+
+    def _session(self) -> None:
+        # per-process state, rebuilt after Tuner.restore unpickles the callback
+        self._client: MlflowClient | None = None
+        self._runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
+        self._last_step: dict[str, int] = {}
+        self._ended: set[str] = set()
+        self._rows: dict[str, Row] | None = None  # leaderboard rows, read from MLflow once per session
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"record": self.record}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.record = state["record"]
+        self._session()
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(self.record.tracking_uri)
+        return self._client
+
+    # ---- Tune callback hooks ---------------------------------------------------------------------------------
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._run_of(trial)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        run_id = self._run_of(trial)
+        step = int(result["step"])
+        if step <= self._last_step[trial.trial_id]:
+            return  # a retry re-ran an evaluation after its checkpoint: the first record stands
+        final = step >= trial.config["train"]["iterations"]
+        per_class = final or int(result.get("evaluation", 1)) % self.record.per_class_every == 0
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(k, float(v), now, step)
+            for k, v in result.items()
+            if _is_metric(k, v) and (per_class or not PER_CLASS.search(k))
+        ]
+        for chunk in _chunks(metrics, BATCH):
+            self.client.log_batch(run_id, metrics=chunk)
+        self.client.set_tag(run_id, LAST_STEP, str(step))
+        self._last_step[trial.trial_id] = step
+        row = self._row(trial)
+        row.metrics.update({k: float(v) for k, v in result.items() if _is_metric(k, v) and not PER_CLASS.search(k)})
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self._run_of(trial)
+        retries = int(self.client.get_run(run_id).data.tags.get(RETRIES, "0")) + 1
+        self.client.set_tag(run_id, RETRIES, str(retries))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self._run_of(trial)
+        finished = self._last_step[trial.trial_id] >= trial.config["train"]["iterations"]
+        if finished and trial.checkpoint is not None:
+            with trial.checkpoint.as_directory() as ckpt:
+                if (Path(ckpt) / ARTIFACTS).is_dir():
+                    self.client.log_artifacts(run_id, str(Path(ckpt) / ARTIFACTS))
+        if finished:
+            self._end(trial, "FINISHED", "finished")
+        else:  # Tune completes a trial before its last evaluation only when the scheduler (ASHA) stops it
+            self._end(trial, "KILLED", "pruned")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self._run_of(trial)
+        error = trial.get_error()
+        if error:
+            self.client.log_text(run_id, str(error), "error.txt")
+        self._end(trial, "FAILED", "failed")
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        # runs still open were cut short by an interruption: --resume reopens them
+        for trial in trials:
+            if trial.trial_id in self._runs and trial.trial_id not in self._ended:
+                self._end(trial, "KILLED", "interrupted")
+        self._write_leaderboard()
+
+    # ---- runs --------------------------------------------------------------------------------------------------
+
+    def _run_of(self, trial: Any) -> str:
+        """The trial's child run: found by its tags when it exists (retry, --resume), created otherwise."""
+        tid = trial.trial_id
+        if tid in self._runs:
+            return self._runs[tid]
+        found = self.client.search_runs(
+            [self.record.experiment_id],
+            filter_string=f"tags.`{PARENT}` = '{self.record.parent_run_id}' AND tags.`{TRIAL_ID}` = '{tid}'",
+            max_results=2,
+        )
+        if len(found) > 1:
+            raise RuntimeError(f"MLflow holds {len(found)} runs for Tune trial {tid} of sweep {self.record.sweep_name}")
+        if found:
+            run = found[0]
+            run_id = run.info.run_id
+            if run.info.status != "RUNNING":
+                self.client.update_run(run_id, status="RUNNING")
+            self.client.set_tag(run_id, OUTCOME, "running")
+            self._last_step[tid] = int(run.data.tags.get(LAST_STEP, "-1"))
+        else:
+            run_id = self._create(trial)
+            self._last_step[tid] = -1
+        self._runs[tid] = run_id
+        self._ended.discard(tid)
+        return run_id
+
+    def _create(self, trial: Any) -> str:
+        meta = trial.config[SERVICE_KEY]
+        run_config = {k: v for k, v in trial.config.items() if k != SERVICE_KEY}
+        tags = {
+            PARENT: self.record.parent_run_id,
+            COMMIT: self.record.git_commit,
+            ROLE: "trial",
+            SWEEP: self.record.sweep_name,
+            SPACE_HASH: self.record.space_hash,
+            TRIAL_ID: trial.trial_id,
+            OPTUNA_TRIAL: str(meta["optuna_trial"]),
+            PRESET: run_config["method"]["preset"],
+            OUTCOME: "running",
+        }
+        run = self.client.create_run(self.record.experiment_id, run_name=meta["run_name"], tags=tags)
+        sampled = {f"sampled/{k}": v if isinstance(v, str) else json.dumps(v) for k, v in meta["params"].items()}
+        log_params(self.client, run.info.run_id, {**flatten(run_config), **sampled})
+        return run.info.run_id
+
+    def _end(self, trial: Any, status: str, outcome: str) -> None:
+        terminal(self.client, self._runs[trial.trial_id], status, outcome)
+        self._ended.add(trial.trial_id)
+        self._row(trial).outcome = outcome
+        self._write_leaderboard()
+
+    # ---- leaderboard on the parent run -------------------------------------------------------------------------
+
+    def _row(self, trial: Any) -> Row:
+        rows = self._leaderboard_rows()
+        if trial.trial_id not in rows:
+            meta = trial.config[SERVICE_KEY]
+            rows[trial.trial_id] = Row(
+                run_id=self._runs[trial.trial_id],
+                name=meta["run_name"],
+                trial_id=trial.trial_id,
+                optuna_trial=str(meta["optuna_trial"]),
+                outcome="running",
+                params={k: str(v) for k, v in meta["params"].items()},
+            )
+        return rows[trial.trial_id]
+
+    def _leaderboard_rows(self) -> dict[str, Row]:
+        if self._rows is None:
+            self._rows = {}
+            for run in children(self.client, self.record):
+                tags = run.data.tags
+                self._rows[tags[TRIAL_ID]] = Row(
+                    run_id=run.info.run_id,
+                    name=run.info.run_name,
+                    trial_id=tags[TRIAL_ID],
+                    optuna_trial=tags.get(OPTUNA_TRIAL, ""),
+                    outcome=tags.get(OUTCOME, "running"),
+                    params={
+                        k.removeprefix("sampled/"): v for k, v in run.data.params.items() if k.startswith("sampled/")
+                    },
+                    metrics={k: v for k, v in run.data.metrics.items() if not PER_CLASS.search(k)},
+                )
+        return self._rows
+
+    def _write_leaderboard(self) -> None:
+        objectives = [tuple(o) for o in self.record.objectives]
+        rows = leaderboard.rank(list(self._leaderboard_rows().values()), objectives)
+        parent = self.record.parent_run_id
+        self.client.log_text(parent, leaderboard.to_csv(rows, objectives), "leaderboard.csv")
+        self.client.log_text(parent, leaderboard.to_markdown(rows, objectives), "leaderboard.md")
+        counts = {o: sum(r.outcome == o for r in rows) for o in ("finished", "pruned", "failed", "interrupted")}
+        ended = sum(counts.values())
+        now = int(time.time() * 1000)
+        metrics = [Metric(f"trials/{o}", float(n), now, ended) for o, n in counts.items()]
+        best = next((r for r in rows if r.outcome == "finished"), None)
+        if best is not None:
+            metrics += [Metric(f"best/{m}", best.metrics[m], now, ended) for m, _ in objectives if m in best.metrics]
+            self.client.set_tag(parent, "ltssl.best_run", best.name)
+        self.client.log_batch(parent, metrics=metrics)
+
+
+def children(client: MlflowClient, record: SweepRecord) -> Iterator[Any]:
+    """Every child run of the sweep, page by page."""
+    token = None
+    while True:
+        page = client.search_runs(
+            [record.experiment_id],
+            filter_string=f"tags.`{PARENT}` = '{record.parent_run_id}'",
+            max_results=500,
+            page_token=token,
+        )
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def _is_metric(key: str, value: Any) -> bool:
+    # the metrics contract namespaces every metric (val/top1, pl/count/c03); Tune's own keys have no '/'
+    return "/" in key and isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

@@ -1,0 +1,160 @@
+"""`python -m service.tune`: check a search-space file, show its plan, and run it as a resumable Ray Tune sweep.
+
+Exit status: 0 when the sweep ran to its end (or its time budget), 2 for bad input (nothing started, nothing
+written), 130 when interrupted (resume with --resume), 1 when every trial failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from service.plan import Plan, load_plan
+from service.space import Asha, describe, json_schema
+from trainables.config import ConfigError
+
+DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "quickstart.yaml"
+DRY_RUN_SAMPLES = 3
+ADDRESS = re.compile(r"^(auto|[A-Za-z0-9_.-]+:\d+)$")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m service.tune",
+        description="Hyperparameter search for long-tailed semi-supervised learning (Ray Tune + Optuna + MLflow).",
+    )
+    p.add_argument("--space", type=Path, metavar="FILE", help=f"search-space YAML (default: {DEFAULT_SPACE})")
+    p.add_argument("--num-samples", type=int, metavar="N", help="number of trials (search.num_trials)")
+    p.add_argument("--address", type=_address, help="Ray cluster: auto or HOST:PORT (default: a local Ray)")
+    p.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
+    p.add_argument("--storage", metavar="PATH", help="Ray results directory (default: ray_results)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this space")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved plan and sample trials; start nothing")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="override a field of the space file, e.g. base.train.iterations=2000",
+    )
+    p.add_argument("--schema", action="store_true", help="print the space file's JSON Schema and exit")
+    return p
+
+
+def _address(value: str) -> str:
+    if not ADDRESS.match(value):
+        raise argparse.ArgumentTypeError(f"{value!r}: expected auto or HOST:PORT (e.g. 10.0.0.5:6379)")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)  # bad flags: argparse prints usage and exits 2
+    if args.schema:
+        print(json.dumps(json_schema(), indent=2))
+        return 0
+    overrides: dict[str, Any] = {}
+    if args.num_samples is not None:
+        overrides.setdefault("search", {})["num_trials"] = args.num_samples
+    if args.tracking_uri is not None:
+        overrides.setdefault("tracking", {})["uri"] = args.tracking_uri
+    if args.storage is not None:
+        overrides.setdefault("storage", {})["path"] = args.storage
+    try:
+        plan = load_plan(args.space or DEFAULT_SPACE, sets=args.set, overrides=overrides)
+        if args.dry_run:
+            print(render_plan(plan, samples=min(DRY_RUN_SAMPLES, plan.num_trials)))
+            return 0
+        from service import sweep  # Ray, MLflow and torch load only for a real run
+
+        stored = sweep.preflight(plan, resume=args.resume)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        outcome = sweep.run(plan, stored, args.address)
+    except ConfigError as err:  # found once MLflow is open, e.g. the experiment was deleted in the UI
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(render_outcome(plan, outcome, argv if argv is not None else sys.argv[1:]))
+    if outcome.counts.get("failed", 0) == plan.num_trials:
+        return 1
+    return 0 if outcome.complete or outcome.time_budget_hit else sweep.INTERRUPTED
+
+
+def render_plan(plan: Plan, samples: int) -> str:
+    from service.sampling import sample_configs
+
+    spec, search = plan.spec, plan.spec.search
+    lines = [f"Sweep {plan.sweep_name}  ({plan.source}, space hash {plan.space_hash[:12]})"]
+    if spec.description:
+        lines.append(f"  {spec.description}")
+    presets = ", ".join(plan.presets)
+    lines += [f"\nBase configuration (preset {plan.presets[0]}; sweep presets: {presets}):"]
+    base = yaml.safe_dump(plan.base_config().model_dump(mode="json"), sort_keys=False).rstrip()
+    lines += ["  " + line for line in base.splitlines()]
+    lines.append(f"\nSpace ({len(spec.space)} parameter(s)):")
+    width = max((len(n) for n in spec.space), default=0)
+    lines += [f"  {name:{width}}  {describe(p)}" for name, p in spec.space.items()]
+    objectives = ", ".join(f"{m} ({d})" for m, d in search.objectives)
+    budget = f"{search.time_budget_s:g} s" if search.time_budget_s else "none"
+    lines += [
+        f"\nSearch: Optuna {search.sampler} sampler (seed {search.seed}), {plan.num_trials} trials, "
+        f"objective(s): {objectives}",
+        f"Scheduler: {_scheduler_text(plan)}",
+        f"Concurrency: {search.max_concurrent or 'as resources allow'}; time budget: {budget}; "
+        f"retries per trial: {search.max_failures}",
+        f"Resources per trial: {spec.resources.cpu:g} CPU, {spec.resources.gpu:g} GPU",
+        f"Ray results: {plan.experiment_dir}",
+        f"Optuna study: {plan.sweep_name} ({plan.optuna_storage or 'in memory, saved with the Ray experiment'})",
+        f"MLflow: {plan.tracking_uri}, experiment {plan.mlflow_experiment!r} (one parent run, one child per trial)",
+        f"\nSampled configurations ({samples} of {plan.num_trials}):",
+    ]
+    for config in sample_configs(plan, samples):
+        meta = config["service"]
+        lines.append(f"  {meta['run_name']}")
+        lines += [f"      {k} = {v!r}" for k, v in meta["params"].items()]
+    lines.append("\nDry run: nothing was started or written.")
+    return "\n".join(lines)
+
+
+def _scheduler_text(plan: Plan) -> str:
+    scheduler = plan.spec.search.scheduler
+    if not isinstance(scheduler, Asha):
+        return "none (every trial runs to its last evaluation)"
+    metric, mode = plan.spec.search.scheduler_objective
+    evaluations = max(plan.evaluations(plan.base_config(p)) for p in plan.presets)
+    return (
+        f"ASHA on {metric} ({mode}) at evaluation steps: grace period {scheduler.grace_period}, reduction factor "
+        f"{scheduler.reduction_factor:g}, {scheduler.brackets} bracket(s), up to {evaluations} evaluations per trial"
+    )
+
+
+def render_outcome(plan: Plan, outcome: Any, argv: list[str]) -> str:
+    record = outcome.record
+    counts = ", ".join(f"{n} {o}" for o, n in sorted(outcome.counts.items())) or "no trials"
+    lines = [f"\nSweep {plan.sweep_name}: {counts} (of {plan.num_trials} planned)."]
+    if outcome.time_budget_hit and not outcome.complete:
+        lines.append(f"The time budget of {plan.spec.search.time_budget_s:g} s ended the sweep.")
+    elif not outcome.complete:
+        again = [a for a in argv if a != "--resume"] + ["--resume"]
+        lines.append(f"Interrupted. Resume with: python -m service.tune {shlex.join(again)}")
+    lines.append(f"Leaderboard: artifact leaderboard.md of the parent run {record.parent_run_id}")
+    lines.append("Open the MLflow UI on the experiment:")
+    uri = record.tracking_uri
+    if uri.startswith(("http://", "https://")):
+        lines.append(f"  {uri.rstrip('/')}/#/experiments/{record.experiment_id}")
+    else:
+        lines.append(f"  mlflow ui --backend-store-uri {uri}")
+        lines.append(f"  then open http://127.0.0.1:5000/#/experiments/{record.experiment_id}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

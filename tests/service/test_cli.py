@@ -1,0 +1,165 @@
+"""The command line: exit codes, --schema, --dry-run, and bad input that fails before anything starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.plan import load_plan
+from service.sweep import RECORD_FILE, preflight, write_record
+from service.tracking import SweepRecord
+from trainables.config import ConfigError
+
+from .conftest import REPO, SMALL
+
+
+def cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "service.tune", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_schema_is_json_schema_for_editors(tmp_path):
+    out = cli("--schema", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    schema = json.loads(out.stdout)
+    assert {"experiment", "base", "space", "search", "resources", "tracking", "storage"} <= set(schema["properties"])
+    assert "train" in schema["properties"]["base"]["properties"]  # base is described by RunConfig's schema
+    param = schema["properties"]["space"]["additionalProperties"]
+    assert set(param["discriminator"]["mapping"]) == {
+        "uniform",
+        "loguniform",
+        "log_one_minus",
+        "int",
+        "categorical",
+        "fixed",
+    }
+    refs = json.dumps(schema)
+    for ref in {part.split('"')[0] for part in refs.split('"$ref": "#/$defs/')[1:]}:
+        assert ref in schema["$defs"], f"dangling $ref {ref}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_without_flags_plans_the_quickstart_and_starts_nothing(tmp_path):
+    out = cli("--dry-run", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    for fragment in (
+        "Sweep quickstart-",
+        "search_spaces/quickstart.yaml",
+        "Base configuration (preset fixmatch",
+        "method.drw.beta     log_one_minus[0.9, 0.9999]",
+        "Optuna tpe sampler (seed 0), 8 trials",
+        "ASHA on val/balanced_acc (max) at evaluation steps: grace period 2",
+        "Resources per trial: 1 CPU, 0 GPU",
+        f"Ray results: {tmp_path}/ray_results/quickstart-",
+        f"MLflow: sqlite:///{tmp_path}/mlflow.db, experiment 'quickstart'",
+        "Sampled configurations (3 of 8):",
+        "  t000 ",
+    ):
+        assert fragment in text, f"{fragment!r} missing from the dry run:\n{text}"
+    assert list(tmp_path.iterdir()) == []  # no mlflow.db, no ray_results
+
+
+def test_dry_run_applies_flags(tmp_path):
+    out = cli(
+        "--dry-run",
+        "--num-samples",
+        "5",
+        "--storage",
+        "elsewhere",
+        "--tracking-uri",
+        "sqlite:///t.db",
+        "--set",
+        "search.seed=3",
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "(seed 3), 5 trials" in out.stdout and f"{tmp_path}/elsewhere/quickstart-" in out.stdout
+    assert f"sqlite:///{tmp_path}/t.db" in out.stdout
+
+
+def test_bad_space_exits_2_with_the_message_and_writes_nothing(tmp_path):
+    (tmp_path / "bad.yaml").write_text(SMALL.replace("metric: val/balanced_acc", "metric: test/balanced_acc"))
+    out = cli("--space", "bad.yaml", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "bad.yaml" in out.stderr and "search.metric" in out.stderr and "test split" in out.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["bad.yaml"]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--num-samples", "many"], "invalid int value"),
+        (["--address", "not an address"], "expected auto or HOST:PORT"),
+        (["--frobnicate"], "unrecognized arguments"),
+        (["--num-samples", "0"], "search.num_trials"),
+        (["--set", "search.sampler=annealing"], "search.sampler"),
+        (["--tracking-uri", "mlruns"], "file store"),
+        (["--space", "missing.yaml"], "missing.yaml: no such file"),
+    ],
+)
+def test_bad_flags_exit_2_and_write_nothing(args, fragment, tmp_path):
+    out = cli(*args, cwd=tmp_path)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert fragment in out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_without_a_sweep_exits_2(tmp_path):
+    out = cli("--resume", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "no sweep to resume" in out.stderr and "quickstart-" in out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def record_for(plan) -> SweepRecord:
+    return SweepRecord(plan.tracking_uri, "1", "parent", plan.sweep_name, plan.space_hash, "c0ffee", (("m", "max"),), 1)
+
+
+def test_existing_sweep_needs_resume(write_space, tmp_path):
+    plan = load_plan(write_space(SMALL), launch_dir=tmp_path)
+    plan.experiment_dir.mkdir(parents=True)
+    write_record(plan, record_for(plan))
+    with pytest.raises(ConfigError, match="already exists.*pass --resume"):
+        preflight(plan, resume=False)
+    assert preflight(plan, resume=True)["record"]["parent_run_id"] == "parent"
+
+
+def test_resume_refuses_a_changed_plan(write_space, tmp_path):
+    plan = load_plan(write_space(SMALL), launch_dir=tmp_path)
+    plan.experiment_dir.mkdir(parents=True)
+    write_record(plan, record_for(plan))
+    changed = load_plan(write_space(SMALL), sets=["search.sampler=random", "search.num_trials=9"], launch_dir=tmp_path)
+    assert changed.experiment_dir == plan.experiment_dir  # same question, other budget and sampler
+    with pytest.raises(ConfigError) as info:
+        preflight(changed, resume=True)
+    message = str(info.value)
+    assert "search.sampler: 'tpe' when the sweep started, 'random' now" in message
+    assert "search.num_trials: 6 when the sweep started, 9 now" in message
+
+
+def test_changed_space_is_another_sweep(write_space, tmp_path):
+    plan = load_plan(write_space(SMALL), launch_dir=tmp_path)
+    plan.experiment_dir.mkdir(parents=True)
+    (plan.experiment_dir / RECORD_FILE).write_text("{}")
+    wider = load_plan(write_space(SMALL.replace("high: 0.1}", "high: 0.2}")), launch_dir=tmp_path)
+    assert wider.experiment_dir != plan.experiment_dir
+    with pytest.raises(ConfigError, match=f"no sweep to resume.*sweeps of this experiment: {plan.sweep_name}"):
+        preflight(wider, resume=True)
+    assert preflight(wider, resume=False) is None  # a fresh sweep with its own study
+
+
+def test_resources_the_cluster_lacks_exit_2_before_any_run(tmp_path):
+    (tmp_path / "space.yaml").write_text(SMALL + "resources: {cpu: 1024}\n")
+    out = cli("--space", "space.yaml", cwd=tmp_path)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "resources.cpu: 1024 per trial, but the Ray cluster has" in out.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["space.yaml"]  # no MLflow store, no sweep directory

@@ -1,0 +1,270 @@
+"""Real sweeps through the command line: a local Ray (this machine's CPUs), synthetic data, a local sqlite MLflow
+store and a sqlite Optuna study, all in a temporary directory; checked through MlflowClient and Optuna.
+
+Trials run one at a time (max_concurrent: 1) so that ASHA's decisions depend only on the trials' values, which the
+seeds fix, not on which trial reaches a rung first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from .conftest import REPO
+
+CLASSES = [f"c{c:02d}" for c in range(10)]
+OUTCOME_TO_OPTUNA = {"finished": TrialState.COMPLETE, "pruned": TrialState.PRUNED}
+
+SWEEP = f"""
+experiment: e2e
+base_file: {REPO}/trainables/configs/repro_synthetic.yaml
+base:
+  train: {{iterations: 60, eval_every: 20}}
+  method:
+    daso: {{warmup: 20, window: 20}}  # so that DASO's blending runs within 60 iterations
+space:
+  method.preset: {{type: categorical, values: [fixmatch, fixmatch_daso, fixmatch_drw]}}
+  optim.lr: {{type: loguniform, low: 0.005, high: 0.2}}
+  method.drw.beta: {{type: log_one_minus, low: 0.9, high: 0.9999}}
+  method.daso.t_dist: {{type: loguniform, low: 0.3, high: 3.0}}
+search:
+  sampler: random
+  num_trials: 6
+  seed: 0
+  metric: val/balanced_acc
+  mode: max
+  scheduler: {{type: asha, grace_period: 1, reduction_factor: 3}}
+  max_concurrent: 1
+resources: {{cpu: 1}}
+storage: {{optuna: "sqlite:///optuna.db"}}
+"""
+
+RESUMABLE = f"""
+experiment: resumable
+base_file: {REPO}/trainables/configs/repro_synthetic.yaml
+base:
+  train: {{iterations: 60, eval_every: 20}}
+space:
+  method.preset: {{type: categorical, values: [fixmatch, fixmatch_la, fixmatch_drw]}}
+search:
+  sampler: grid
+  metric: val/balanced_acc
+  max_concurrent: 1
+resources: {{cpu: 1}}
+"""
+
+
+def env() -> dict[str, str]:
+    out = {**os.environ, "PYTHONPATH": str(REPO)}
+    out.pop("RAY_ADDRESS", None)  # always a fresh local Ray, never another user's cluster
+    return out
+
+
+def cli(cwd: Path, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "service.tune", *args],
+        cwd=cwd,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def runs_of(client: MlflowClient, experiment: str) -> tuple:
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("ltssl.role") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("ltssl.role") == "trial"]
+    return exp, parent, children
+
+
+def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def first_report(tmp_path: Path, experiment: str) -> dict | None:
+    """The first result Tune recorded for any trial of the sweep (it carries the worker's pid)."""
+    for path in (tmp_path / "ray_results").glob(f"{experiment}-*/*/result.json"):
+        lines = path.read_text().splitlines()
+        if lines:
+            return json.loads(lines[0])
+    return None
+
+
+def test_sweep_end_to_end(tmp_path):
+    (tmp_path / "space.yaml").write_text(SWEEP)
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "service.tune", "--space", "space.yaml"],
+        cwd=tmp_path,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    # a worker dies mid-trial (as under the OOM killer): Tune retries the trial from its last checkpoint
+    deadline = time.monotonic() + 300
+    while (report := first_report(tmp_path, "e2e")) is None:
+        if sweep.poll() is not None or time.monotonic() > deadline:
+            sweep.kill()
+            pytest.fail("no trial reported an evaluation:\n" + sweep.communicate()[0][-3000:])
+        time.sleep(0.3)
+    os.kill(report["pid"], signal.SIGKILL)
+    output, _ = sweep.communicate(timeout=400)
+    assert sweep.returncode == 0, output[-3000:]
+    assert "Open the MLflow UI on the experiment" in output
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp, parent, children = runs_of(client, "e2e")
+    sweep_name = parent.info.run_name
+    assert (parent.info.status, parent.data.tags["ltssl.outcome"]) == ("FINISHED", "finished")
+    assert sweep_name == f"e2e-{parent.data.tags['ltssl.space_hash'][:8]}"
+    assert parent.data.tags["mlflow.source.git.commit"]
+
+    # one child per trial, nested under the parent, each with its own Tune trial and Optuna trial
+    assert len(children) == 6
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    assert len({c.data.tags["ltssl.tune_trial_id"] for c in children}) == 6
+    assert sorted(int(c.data.tags["ltssl.optuna_trial"]) for c in children) == list(range(6))
+
+    study = optuna.load_study(study_name=sweep_name, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    by_tune_id = {t.user_attrs["tune_trial_id"]: t for t in study.trials}
+    presets = set()
+    for child in children:
+        tags, params, metrics = child.data.tags, child.data.params, child.data.metrics
+        preset = params["sampled/method.preset"]
+        presets.add(preset)
+        # params: the sampled values (conditional ones only where their method is on) and the resolved config
+        assert ("sampled/method.drw.beta" in params) == (preset == "fixmatch_drw")
+        assert ("sampled/method.daso.t_dist" in params) == (preset == "fixmatch_daso")
+        assert params["optim.lr"] == params["sampled/optim.lr"] and params["train.iterations"] == "60"
+        assert child.info.run_name.startswith(f"t{int(tags['ltssl.optuna_trial']):03d} {preset}")
+        # per-class metrics of every class, at every evaluation the trial reached
+        last = int(tags["ltssl.last_step"])
+        for family in ("val/recall", "val/precision", "test/recall", "test/precision", "pl/count"):
+            assert all(f"{family}/{c}" in metrics for c in CLASSES), family
+        assert steps(client, child.info.run_id, "val/recall/c07") == list(range(20, last + 1, 20))
+        if preset == "fixmatch_drw":
+            assert all(f"drw/w_u/{c}" in metrics for c in CLASSES)
+        if preset == "fixmatch_daso":
+            assert all(f"daso/v/{c}" in metrics for c in CLASSES)
+        # status: a trial that reached step 60 finished and has its final tables; one stopped earlier was pruned
+        outcome = tags["ltssl.outcome"]
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        if last == 60:
+            assert (child.info.status, outcome) == ("FINISHED", "finished")
+            assert {"per_class_test.csv", "confusion_test.csv"} <= artifacts
+            table = Path(client.download_artifacts(child.info.run_id, "per_class_test.csv")).read_text()
+            assert len(table.strip().splitlines()) == 1 + len(CLASSES)
+        else:
+            assert (child.info.status, outcome) == ("KILLED", "pruned")
+            assert not artifacts
+        # Optuna saw the same trial: the same state and the same curve
+        trial = by_tune_id[tags["ltssl.tune_trial_id"]]
+        assert trial.number == int(tags["ltssl.optuna_trial"])
+        assert trial.state == OUTCOME_TO_OPTUNA[outcome]
+        history = client.get_metric_history(child.info.run_id, "val/balanced_acc")
+        assert trial.intermediate_values == {m.step: pytest.approx(m.value) for m in history}
+    assert presets == {"fixmatch", "fixmatch_daso", "fixmatch_drw"}
+    outcomes = [c.data.tags["ltssl.outcome"] for c in children]
+    # ASHA at reduction factor 3 keeps a trial past its first evaluation only when it is among the best third so
+    # far; six sequential trials with distinct values all doing so has a chance of about 1 in 100
+    assert outcomes.count("pruned") >= 1, "ASHA stopped no trial: see the module docstring"
+    assert outcomes.count("finished") >= 1
+
+    # the parent's leaderboard lists every trial, finished ones first
+    board = Path(client.download_artifacts(parent.info.run_id, "leaderboard.csv")).read_text().splitlines()
+    assert len(board) == 1 + 6
+    ranked = [line.split(",")[2] for line in board[1:]]
+    assert ranked == sorted(ranked, key=lambda o: o != "finished")
+    assert parent.data.metrics["trials/finished"] + parent.data.metrics["trials/pruned"] == 6
+    assert (tmp_path / "ray_results" / sweep_name / "service_plan.json").is_file()
+
+    # the killed trial was retried in its own run, whose curve has one point per evaluation
+    (retried,) = [c for c in children if c.data.tags.get("ltssl.retries") == "1"]
+    last = int(retried.data.tags["ltssl.last_step"])
+    assert steps(client, retried.info.run_id, "val/balanced_acc") == list(range(20, last + 1, 20))
+
+
+def child_tags(db: Path) -> dict[str, dict[str, str]]:
+    """run id -> tags of the child runs, read with sqlite directly while the sweep writes the store."""
+    if not db.exists():
+        return {}
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            rows = conn.execute("SELECT run_uuid, key, value FROM tags").fetchall()
+    except sqlite3.OperationalError:  # tables not created yet
+        return {}
+    tags: dict[str, dict[str, str]] = {}
+    for run_id, key, value in rows:
+        tags.setdefault(run_id, {})[key] = value
+    return {r: t for r, t in tags.items() if t.get("ltssl.role") == "trial"}
+
+
+def test_interrupt_and_resume(tmp_path):
+    (tmp_path / "space.yaml").write_text(RESUMABLE)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "service.tune", "--space", "space.yaml"],
+        cwd=tmp_path,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    # interrupt once the first trial has finished and the second has logged an evaluation (so it has a checkpoint)
+    deadline = time.monotonic() + 300
+    while True:
+        tags = child_tags(tmp_path / "mlflow.db").values()
+        if any(t.get("ltssl.outcome") == "finished" for t in tags) and any(
+            t.get("ltssl.outcome") == "running" and int(t.get("ltssl.last_step", "-1")) >= 20 for t in tags
+        ):
+            break
+        if first.poll() is not None or time.monotonic() > deadline:
+            first.kill()
+            pytest.fail("the sweep never reached a second trial with a checkpoint:\n" + first.communicate()[0][-3000:])
+        time.sleep(0.3)
+    first.send_signal(signal.SIGINT)
+    output, _ = first.communicate(timeout=180)
+    assert first.returncode == 130, output[-3000:]
+    assert "Interrupted. Resume with: python -m service.tune --space space.yaml --resume" in output
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    _, parent, before = runs_of(client, "resumable")
+    assert (parent.info.status, parent.data.tags["ltssl.outcome"]) == ("KILLED", "interrupted")
+    done = [r for r in before if r.data.tags["ltssl.outcome"] == "finished"]
+    cut = [r for r in before if r.data.tags["ltssl.outcome"] == "interrupted"]
+    assert len(done) >= 1 and len(done) + len(cut) == len(before) < 3
+    assert all(r.info.status == "KILLED" for r in cut)
+    done_end = {r.info.run_id: r.info.end_time for r in done}
+
+    second = cli(tmp_path, "--space", "space.yaml", "--resume")
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    _, parent, after = runs_of(client, "resumable")
+    assert (parent.info.status, parent.data.tags["ltssl.outcome"]) == ("FINISHED", "finished")
+    # no duplicates: one run per trial, the interrupted run reopened, the finished ones untouched
+    assert len(after) == 3
+    assert len({r.data.tags["ltssl.tune_trial_id"] for r in after}) == 3
+    assert {r.info.run_id for r in before} <= {r.info.run_id for r in after}
+    for run in after:
+        assert (run.info.status, run.data.tags["ltssl.outcome"]) == ("FINISHED", "finished")
+        assert steps(client, run.info.run_id, "val/balanced_acc") == [20, 40, 60]
+        if run.info.run_id in done_end:
+            assert run.info.end_time == done_end[run.info.run_id]  # not run again
+
+    # the interrupted trial continued from its checkpoint: Tune's own log of it has every step once
+    for run in cut:
+        (trial_dir,) = (tmp_path / "ray_results").glob(f"resumable-*/{run.data.tags['ltssl.tune_trial_id']}_*")
+        reported = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+        assert [r["step"] for r in reported] == [20, 40, 60]
+        assert reported[-1]["iterations_since_restore"] < reported[-1]["training_iteration"]

@@ -1,0 +1,130 @@
+"""The Optuna searcher as Tune drives it: whole trial configs out, PRUNED for trials the scheduler stopped."""
+
+from __future__ import annotations
+
+import pytest
+from optuna.trial import TrialState
+
+from service.plan import load_plan
+from service.search import EVALUATION, SweepSearch, build_scheduler, build_searcher
+from trainables.config import RunConfig
+
+from .conftest import SMALL
+
+METRIC = "val/balanced_acc"
+
+
+def result(step: int, value: float, **extra: float) -> dict:
+    # what Tune hands the searcher: the trainable's metrics plus Tune's own counters
+    return {"step": step, METRIC: value, EVALUATION: step // 20, "training_iteration": step // 20, **extra}
+
+
+def test_suggestion_is_a_full_trial_config(small_plan):
+    search = SweepSearch(small_plan)
+    config = search.suggest("trial_a")
+    meta = config.pop("service")
+    run = RunConfig.model_validate(config)
+    assert run.train.iterations == 60
+    trial = search.study.trials[0]
+    assert meta["optuna_trial"] == trial.number == 0
+    assert trial.user_attrs["tune_trial_id"] == "trial_a"
+    assert meta["params"]["method.preset"] == run.method.preset == trial.params["method.preset"]
+
+
+def test_trial_stopped_before_its_last_evaluation_is_pruned_with_its_values(small_plan):
+    search = SweepSearch(small_plan)
+    search.suggest("a")  # 60 iterations, evaluations at 20, 40, 60
+    search.on_trial_result("a", result(20, 0.30))
+    # ASHA stops the trial on its step-40 result; Tune never passes that result to on_trial_result
+    search.on_trial_complete("a", result=result(40, 0.35, done=True))
+    trial = search.study.trials[0]
+    assert trial.state == TrialState.PRUNED
+    assert trial.intermediate_values == {20: 0.30, 40: 0.35}  # at training steps, not Tune's report count
+    assert trial.value == pytest.approx(0.35)  # Optuna values a pruned trial at its last intermediate value
+
+
+def test_trial_that_reached_its_last_evaluation_is_complete(small_plan):
+    search = SweepSearch(small_plan)
+    search.suggest("b")
+    for step, value in ((20, 0.3), (40, 0.4)):
+        search.on_trial_result("b", result(step, value))
+    search.on_trial_result("b", result(60, 0.5))
+    search.on_trial_complete("b", result=result(60, 0.5, done=True))
+    trial = search.study.trials[0]
+    assert trial.state == TrialState.COMPLETE
+    assert trial.value == pytest.approx(0.5)
+    assert trial.intermediate_values == {20: 0.3, 40: 0.4, 60: 0.5}
+
+
+def test_failed_trial_is_failed(small_plan):
+    search = SweepSearch(small_plan)
+    search.suggest("c")
+    search.on_trial_result("c", result(20, 0.3))
+    search.on_trial_complete("c", error=True)
+    assert search.study.trials[0].state == TrialState.FAIL
+
+
+def test_retry_does_not_duplicate_intermediate_values(small_plan):
+    search = SweepSearch(small_plan)
+    search.suggest("d")
+    search.on_trial_result("d", result(20, 0.30))
+    search.on_trial_result("d", result(20, 0.31))  # a retry re-runs the evaluation after its checkpoint
+    assert search.study.trials[0].intermediate_values == {20: 0.30}
+
+
+def test_multi_objective_pruned_trial_keeps_its_history(write_space, tmp_path):
+    text = SMALL.replace("  metric: val/balanced_acc\n  mode: max\n", "  metric: [val/balanced_acc, val/recall_tail]\n")
+    plan = load_plan(write_space(text), launch_dir=tmp_path)
+    search = SweepSearch(plan)
+    search.suggest("m")
+    search.on_trial_result("m", result(20, 0.3, **{"val/recall_tail": 0.1}))
+    search.on_trial_complete("m", result=result(40, 0.4, **{"val/recall_tail": 0.2}))
+    trial = search.study.trials[0]
+    assert trial.state == TrialState.PRUNED
+    history = trial.user_attrs["intermediate_values"]
+    assert history == {"20": {METRIC: 0.3, "val/recall_tail": 0.1}, "40": {METRIC: 0.4, "val/recall_tail": 0.2}}
+
+
+def test_study_name_carries_the_space_hash(small_plan):
+    search = SweepSearch(small_plan)
+    assert search.study.study_name == small_plan.sweep_name
+    assert small_plan.space_hash[:8] in search.study.study_name
+
+
+def test_persistent_optuna_storage(write_space, tmp_path):
+    text = SMALL + "storage: {optuna: sqlite:///optuna.db}\n"
+    plan = load_plan(write_space(text), launch_dir=tmp_path)
+    search = SweepSearch(plan)
+    search.suggest("p")
+    search.on_trial_complete("p", result=result(60, 0.5))
+    assert (tmp_path / "optuna.db").is_file()
+    import optuna
+
+    study = optuna.load_study(study_name=plan.sweep_name, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE]
+
+
+def test_concurrency_limit_and_asha_on_the_evaluation_cadence(write_space, tmp_path):
+    text = SMALL.replace(
+        "  num_trials: 6\n",
+        "  num_trials: 6\n  max_concurrent: 2\n  scheduler: {type: asha, grace_period: 1, reduction_factor: 2}\n",
+    )
+    plan = load_plan(write_space(text), launch_dir=tmp_path)
+    limiter, inner = build_searcher(plan)
+    assert limiter.max_concurrent == 2 and isinstance(inner, SweepSearch)
+    scheduler = build_scheduler(plan)
+    assert scheduler._time_attr == EVALUATION
+    assert scheduler._max_t == 3  # 60 iterations / one evaluation every 20
+    assert (scheduler.metric, scheduler._mode) == (METRIC, "max")
+
+
+def test_final_result_withheld_by_the_scheduler_still_completes_the_trial(small_plan):
+    # ASHA answers STOP to the result at max_t (the last evaluation), so Tune passes it to on_trial_complete only
+    search = SweepSearch(small_plan)
+    search.suggest("e")
+    search.on_trial_result("e", result(20, 0.3))
+    search.on_trial_result("e", result(40, 0.4))
+    search.on_trial_complete("e", result=result(60, 0.45, done=True))
+    trial = search.study.trials[0]
+    assert trial.state == TrialState.COMPLETE and trial.value == pytest.approx(0.45)
+    assert trial.intermediate_values == {20: 0.3, 40: 0.4, 60: 0.45}

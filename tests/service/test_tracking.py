@@ -1,0 +1,177 @@
+"""MLflow records written by the driver: parent/child runs, reopening on retry and resume, statuses, per-class
+metrics, artifacts, the leaderboard. Uses a real sqlite MLflow store; the trial objects carry the four attributes
+the logger reads from Tune's Trial (trial_id, config, checkpoint, get_error)."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from mlflow import MlflowClient
+from ray import tune
+
+from service.leaderboard import Row, pareto_ranks, rank
+from service.plan import load_plan
+from service.sampling import TrialSampler
+from service.sweep import start_parent
+from service.tracking import LAST_STEP, OUTCOME, PARENT, TRIAL_ID, MlflowTrialLogger
+
+from .conftest import SMALL
+
+C = 10
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """One MLflow store for the module (creating its tables takes seconds); each test has its own parent run."""
+    return tmp_path_factory.mktemp("mlflow")
+
+
+@pytest.fixture
+def plan(write_space, store):
+    text = SMALL + f"tracking: {{uri: 'sqlite:///{store}/mlflow.db', per_class_every: 2}}\n"
+    return load_plan(write_space(text), sets=["base.train.iterations=80"], launch_dir=store)
+
+
+@pytest.fixture
+def record(plan, monkeypatch, store):
+    monkeypatch.chdir(store)  # MLflow's local artifact root is relative to the working directory
+    return start_parent(plan)
+
+
+def make_trial(plan, trial_id: str, preset: str = "fixmatch_drw", number: int = 0, checkpoint=None):
+    values = {"method.preset": preset, "optim.lr": 0.03}
+    if preset == "fixmatch_drw":
+        values["method.drw.beta"] = 0.995
+    config = TrialSampler(plan).tune_config(values, number)
+    return SimpleNamespace(trial_id=trial_id, config=config, checkpoint=checkpoint, get_error=lambda: "boom\n")
+
+
+def result(step: int, acc: float) -> dict:
+    out = {"step": step, "evaluation": step // 20, "val/balanced_acc": acc, "test/top1": acc - 0.01}
+    out.update({f"val/recall/c{c:02d}": acc for c in range(C)})
+    out.update({f"test/precision/c{c:02d}": acc for c in range(C)})
+    # Tune's own fields travel in the same dict and must stay out of MLflow
+    out.update({"training_iteration": step // 20, "done": False, "config": {"x": 1}, "trial_id": "t", "pid": 1})
+    return out
+
+
+def children(record):
+    client = MlflowClient(record.tracking_uri)
+    return client.search_runs([record.experiment_id], filter_string=f"tags.`{PARENT}` = '{record.parent_run_id}'")
+
+
+def history(record, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in MlflowClient(record.tracking_uri).get_metric_history(run_id, key)]
+
+
+def test_child_run_is_nested_tagged_and_parametrised(plan, record):
+    logger = MlflowTrialLogger(record)
+    trial = make_trial(plan, "abc_00001", number=3)
+    logger.on_trial_start(0, [], trial)
+    logger.on_trial_result(0, [], trial, result(40, 0.3))  # the second evaluation: per-class metrics included
+    (run,) = children(record)
+    tags, params = run.data.tags, run.data.params
+    assert tags[TRIAL_ID] == "abc_00001" and tags["ltssl.optuna_trial"] == "3"
+    assert tags["ltssl.space_hash"] == plan.space_hash and tags["mlflow.source.git.commit"] == record.git_commit
+    assert run.info.run_name == "t003 fixmatch_drw lr=0.03 beta=0.995"
+    assert params["sampled/method.drw.beta"] == "0.995" and params["method.drw.beta"] == "0.995"
+    assert params["train.iterations"] == "80" and params["method.preset"] == "fixmatch_drw"
+    assert "val/recall/c09" in run.data.metrics and "test/precision/c00" in run.data.metrics
+    assert not {"training_iteration", "done", "pid", "step"} & set(run.data.metrics)
+
+
+def test_retry_and_resume_reopen_the_same_run_without_duplicate_points(plan, record, tmp_path):
+    logger = MlflowTrialLogger(record)
+    trial = make_trial(plan, "abc_00002")
+    logger.on_trial_start(0, [], trial)
+    for step in (20, 40):
+        logger.on_trial_result(0, [], trial, result(step, step / 100))
+    logger.on_experiment_end([trial])  # the sweep was interrupted
+    (run,) = children(record)
+    assert (run.info.status, run.data.tags[OUTCOME]) == ("KILLED", "interrupted")
+
+    resumed = pickle.loads(pickle.dumps(logger))  # how Tuner.restore brings the callback back
+    art = tmp_path / "ckpt" / "artifacts"
+    art.mkdir(parents=True)
+    (art / "per_class_test.csv").write_text("class,recall\n0,0.5\n")
+    (art / "confusion_test.csv").write_text("1,0\n0,1\n")
+    trial.checkpoint = tune.Checkpoint.from_directory(str(tmp_path / "ckpt"))
+    resumed.on_trial_start(0, [], trial)
+    assert MlflowClient(record.tracking_uri).get_run(run.info.run_id).info.status == "RUNNING"
+    for step in (40, 60, 80):  # the restored trial re-runs the evaluation after its checkpoint (40)
+        resumed.on_trial_result(0, [], trial, result(step, step / 100 + 0.001))
+    resumed.on_trial_complete(0, [], trial)
+
+    (run,) = children(record)  # still one run
+    assert (run.info.status, run.data.tags[OUTCOME], run.data.tags[LAST_STEP]) == ("FINISHED", "finished", "80")
+    assert history(record, run.info.run_id, "val/balanced_acc") == [
+        (20, 0.2),
+        (40, 0.4),
+        (60, pytest.approx(0.601)),
+        (80, pytest.approx(0.801)),
+    ]
+    files = {f.path for f in MlflowClient(record.tracking_uri).list_artifacts(run.info.run_id)}
+    assert {"per_class_test.csv", "confusion_test.csv"} <= files
+
+
+def test_per_class_metrics_every_kth_evaluation_and_the_last(plan, record):
+    logger = MlflowTrialLogger(record)
+    trial = make_trial(plan, "abc_00003")
+    logger.on_trial_start(0, [], trial)
+    for step in (20, 40, 60, 80):
+        logger.on_trial_result(0, [], trial, result(step, 0.5))
+    (run,) = children(record)
+    assert [s for s, _ in history(record, run.info.run_id, "val/balanced_acc")] == [20, 40, 60, 80]
+    assert [s for s, _ in history(record, run.info.run_id, "val/recall/c03")] == [40, 80]  # per_class_every: 2
+
+
+def test_statuses_and_leaderboard(plan, record):
+    logger = MlflowTrialLogger(record)
+    best, pruned, failed = (make_trial(plan, f"abc_0001{i}", "fixmatch", number=i) for i in range(3))
+    for trial in (best, pruned, failed):
+        logger.on_trial_start(0, [], trial)
+    for step in (20, 40, 60, 80):
+        logger.on_trial_result(0, [], best, result(step, 0.7))
+    logger.on_trial_complete(0, [], best)
+    logger.on_trial_result(0, [], pruned, result(20, 0.2))
+    logger.on_trial_complete(0, [], pruned)  # ended at step 20 of 80: stopped by ASHA
+    logger.on_trial_result(0, [], failed, result(20, 0.9))
+    logger.on_trial_error(0, [], failed)
+
+    status = {r.data.tags[TRIAL_ID]: (r.info.status, r.data.tags[OUTCOME]) for r in children(record)}
+    assert status == {
+        "abc_00010": ("FINISHED", "finished"),
+        "abc_00011": ("KILLED", "pruned"),
+        "abc_00012": ("FAILED", "failed"),
+    }
+    client = MlflowClient(record.tracking_uri)
+    failed_run = next(r for r in children(record) if r.data.tags[TRIAL_ID] == "abc_00012")
+    assert "boom" in Path(client.download_artifacts(failed_run.info.run_id, "error.txt")).read_text()
+    parent = client.get_run(record.parent_run_id)
+    assert parent.data.metrics["trials/finished"] == 1 and parent.data.metrics["trials/failed"] == 1
+    assert parent.data.metrics["best/val/balanced_acc"] == pytest.approx(0.7)  # not the failed trial's 0.9
+    board = Path(client.download_artifacts(record.parent_run_id, "leaderboard.csv")).read_text().splitlines()
+    assert board[0].startswith("rank,run_name,outcome")
+    assert [line.split(",")[2] for line in board[1:]] == ["finished", "failed", "pruned"]
+
+
+def test_pareto_ranks_on_hand_picked_points():
+    """(bACC, tail recall), both maximised: (0.8, 0.2) and (0.6, 0.5) trade off (front); (0.5, 0.2) is beaten by
+    both (rank 2 would be wrong for it only if something on the front did not dominate it); (0.7, 0.1) is beaten
+    by (0.8, 0.2) only, so it is on the second front with (0.5, 0.2)."""
+    points = [(0.8, 0.2), (0.6, 0.5), (0.5, 0.2), (0.7, 0.1)]
+    assert pareto_ranks(points, ["max", "max"]) == [1, 1, 2, 2]
+    assert pareto_ranks([(1.0,), (2.0,)], ["min"]) == [1, 2]
+
+
+def test_rank_puts_finished_trials_first():
+    rows = [
+        Row("r1", "a", "t1", "0", "pruned", metrics={"val/top1": 0.99}),
+        Row("r2", "b", "t2", "1", "finished", metrics={"val/top1": 0.5}),
+        Row("r3", "c", "t3", "2", "finished", metrics={"val/top1": 0.7}),
+    ]
+    assert [r.name for r in rank(rows, [("val/top1", "max")])] == ["c", "b", "a"]
+    assert [r.name for r in rank(rows, [("val/top1", "min")])] == ["b", "c", "a"]
