@@ -14,7 +14,6 @@ import functools
 import hashlib
 import json
 import math
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from trainables.config import (
     RunConfig,
     deep_merge,
     format_validation_error,
+    model_in,
     parse_overrides,
     read_yaml,
     validate,
@@ -43,7 +43,7 @@ ASHA_FIXED = ("train.iterations", "train.eval_every")  # ASHA's rungs count eval
 @functools.cache
 def block_presets() -> dict[str, frozenset[str]]:
     """Method blocks (`daso`, `drw`, `la`) -> presets that use them, as the run configuration itself decides."""
-    blocks = [name for name, f in MethodConfig.model_fields.items() if f.default is None and _submodel(f.annotation)]
+    blocks = [name for name, f in MethodConfig.model_fields.items() if f.default is None and model_in(f.annotation)]
     return {
         block: frozenset(p for p in PRESETS if getattr(MethodConfig(preset=p), block) is not None) for block in blocks
     }
@@ -313,7 +313,7 @@ def _field_problem(path: str) -> str | None:
         here = ".".join(parts[:i]) or "the run configuration"
         if part not in model.model_fields:
             return f"no field {part!r} in {here}; valid fields there: {', '.join(sorted(model.model_fields))}"
-        sub = _submodel(model.model_fields[part].annotation)
+        sub = model_in(model.model_fields[part].annotation)
         last = i == len(parts) - 1
         if last and sub is not None:
             return f"{path} is a section; search one of its fields: {', '.join(sorted(sub.model_fields))}"
@@ -324,14 +324,6 @@ def _field_problem(path: str) -> str | None:
     return None
 
 
-def _submodel(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in typing.get_args(annotation):
-        found = _submodel(arg)
-        if found is not None:
-            return found
-    return None
 
 
 def _absolute_sqlite(uri: str, launch_dir: Path) -> str:

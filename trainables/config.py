@@ -340,17 +340,18 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
         fields = getattr(current, "model_fields", None)
         if not fields or part not in fields:
             return []
-        current = _model_in(fields[part].annotation)
+        current = model_in(fields[part].annotation)
         if current is None:
             return []
     return sorted(getattr(current, "model_fields", {}))
 
 
-def _model_in(annotation: Any) -> type[BaseModel] | None:
+def model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside a field annotation (`X`, `X | None`, ...), or None."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in typing.get_args(annotation):
-        found = _model_in(arg)
+        found = model_in(arg)
         if found is not None:
             return found
     return None

@@ -2,9 +2,10 @@
 
     python -m trainables.report DIR
 
-Only finished runs (with artifacts/) count. Test metrics are the final evaluation's. Pseudo-label metrics are the mean over the evaluation windows of the second
-half of training (one window is a few hundred batches: too noisy alone). `pl/` is the confident pseudo-label that
-trains; `pl_linear/` and `pl_semantic/` are DASO's two sources over all unlabeled samples of the window.
+Only finished runs (with artifacts/) count. Test metrics are the final evaluation's. Pseudo-label metrics are the
+mean over the evaluation windows of the second half of training (one window alone is too noisy). `pl/` is the
+confident pseudo-label that trains; `pl_linear/` and `pl_semantic/` are DASO's two sources over all unlabeled
+samples of the window.
 """
 
 from __future__ import annotations
