@@ -103,16 +103,21 @@ def first_report(tmp_path: Path, experiment: str) -> dict | None:
     return None
 
 
-def test_sweep_end_to_end(tmp_path):
-    (tmp_path / "space.yaml").write_text(SWEEP)
-    sweep = subprocess.Popen(
+def start_sweep(cwd: Path) -> subprocess.Popen:
+    """`python -m service.tune --space space.yaml` in cwd, output captured for the failure message."""
+    return subprocess.Popen(
         [sys.executable, "-m", "service.tune", "--space", "space.yaml"],
-        cwd=tmp_path,
+        cwd=cwd,
         env=env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def test_sweep_end_to_end(tmp_path):
+    (tmp_path / "space.yaml").write_text(SWEEP)
+    sweep = start_sweep(tmp_path)
     # a worker dies mid-trial (as under the OOM killer): Tune retries the trial from its last checkpoint
     deadline = time.monotonic() + 300
     while (report := first_report(tmp_path, "e2e")) is None:
@@ -214,14 +219,7 @@ def child_tags(db: Path) -> dict[str, dict[str, str]]:
 
 def test_interrupt_and_resume(tmp_path):
     (tmp_path / "space.yaml").write_text(RESUMABLE)
-    first = subprocess.Popen(
-        [sys.executable, "-m", "service.tune", "--space", "space.yaml"],
-        cwd=tmp_path,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    first = start_sweep(tmp_path)
     # interrupt once the first trial has finished and the second has logged an evaluation (so it has a checkpoint)
     deadline = time.monotonic() + 300
     while True:
