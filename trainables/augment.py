@@ -9,7 +9,8 @@ DASO reference code (`lib/dataset/transform/transformation.py`, pool "FixMatch")
 
 Structure. The 14 ops and their batched mechanisms live in `trainables.augment_ops` (re-exported here); this
 module draws and applies them. Randomness is drawn up front from the explicit `generator` (on the batch's
-device; saving its state makes a run resumable) into small parameter tensors (`draw_weak`, `draw_rand_augment`, `draw_strong`). Pure
+device; saving its state makes a run resumable) into small parameter tensors (`draw_weak`,
+`draw_rand_augment`, `draw_strong`). Pure
 functions then apply them (`flip_crop`, `apply_rand_augment`, `cutout`, `apply_strong`). Inside a RandAugment
 slot the 14 ops fall into three families, each computed once for the whole batch and picked per image with
 `torch.where` (`apply_ops`):
