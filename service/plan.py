@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from service.space import Asha, Categorical, Fixed, SpaceFile, grid_size
 from trainables.config import (
+    METHOD_BLOCKS,
     PRESETS,
     ConfigError,
     MethodConfig,
@@ -30,6 +31,7 @@ from trainables.config import (
     format_validation_error,
     model_in,
     parse_overrides,
+    preset_uses,
     read_yaml,
     validate,
 )
@@ -43,10 +45,7 @@ ASHA_FIXED = ("train.iterations", "train.eval_every")  # ASHA's rungs count eval
 @functools.cache
 def block_presets() -> dict[str, frozenset[str]]:
     """Method blocks (`daso`, `drw`, `la`) -> presets that use them, as the run configuration itself decides."""
-    blocks = [name for name, f in MethodConfig.model_fields.items() if f.default is None and model_in(f.annotation)]
-    return {
-        block: frozenset(p for p in PRESETS if getattr(MethodConfig(preset=p), block) is not None) for block in blocks
-    }
+    return {block: frozenset(p for p in PRESETS if preset_uses(p, block)) for block in METHOD_BLOCKS}
 
 
 def method_block(path: str) -> str | None:
@@ -322,8 +321,6 @@ def _field_problem(path: str) -> str | None:
                 return f"{'.'.join(parts[: i + 1])} is a value, not a section"
             model = sub
     return None
-
-
 
 
 def _absolute_sqlite(uri: str, launch_dir: Path) -> str:

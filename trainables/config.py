@@ -199,18 +199,13 @@ class MethodConfig(Frozen):
         preset = data.get("preset", "fixmatch")
         if preset not in PRESETS:
             return data  # the Literal check reports it with the valid names
-        pseudo, labeled, unlabeled = PRESETS[preset]
-        uses = {
-            "daso": pseudo == "daso",
-            "drw": labeled == "class_balanced" or unlabeled == "drw",
-            "la": labeled == "logit_adjustment",
-        }
         out = dict(data)
-        for block, used in uses.items():
+        for block in METHOD_BLOCKS:
+            used = preset_uses(preset, block)
             if used and out.get(block) is None:
                 out[block] = {}
             elif not used and out.get(block) is not None:
-                owners = [p for p in PRESETS if _preset_uses(p, block)]
+                owners = [p for p in PRESETS if preset_uses(p, block)]
                 raise ValueError(
                     f"'{block}' parameters do not belong to preset {preset!r}; presets that use them: "
                     + ", ".join(owners)
@@ -222,7 +217,12 @@ class MethodConfig(Frozen):
         return PRESETS[self.preset]
 
 
-def _preset_uses(preset: str, block: str) -> bool:
+METHOD_BLOCKS = ("daso", "drw", "la")  # MethodConfig's parameter blocks
+
+
+def preset_uses(preset: str, block: str) -> bool:
+    """Whether `preset` has the parameter block `block` (one of METHOD_BLOCKS): DASO's, DRw's beta (class-balanced
+    labeled weights or dynamic unlabeled weights), or logit adjustment's."""
     pseudo, labeled, unlabeled = PRESETS[preset]
     return {
         "daso": pseudo == "daso",

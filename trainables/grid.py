@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from trainables.config import ConfigError, load_config
+from trainables.config import PRESETS, ConfigError, load_config, preset_uses
 from trainables.report import summarise
 
 # presets whose blocks need CPU-scale timing; applied only where the preset has the block
@@ -29,10 +29,11 @@ PRESET_SETS = {
 
 
 def preset_overrides(preset: str, extra: list[str]) -> list[str]:
-    cfg = load_config(None, [f"method.preset={preset}"]).method
     out = [f"method.preset={preset}"]
+    if preset not in PRESETS:
+        return out  # validation reports the bad name with the valid ones
     for block, sets in PRESET_SETS.items():
-        if getattr(cfg, block) is not None:
+        if preset_uses(preset, block):
             out += [s for s in sets if not any(e.startswith(s.split("=")[0] + "=") for e in extra)]
     return out
 

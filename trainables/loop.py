@@ -29,7 +29,7 @@ from trainables import checkpoint
 from trainables.augment import normalize, resize, strong_augment, weak_augment
 from trainables.batches import ImageStore, IndexStream
 from trainables.config import OptimConfig, RunConfig
-from trainables.data import build_data, describe_counts
+from trainables.data import build_data, describe_counts, split_counts
 from trainables.data.base import SSLData
 from trainables.ema import ModelEMA
 from trainables.evaluate import Window, predict_logits, split_metrics
@@ -327,12 +327,7 @@ def train(
     rt = resolve_runtime(cfg)
     data = data if data is not None else build_data(cfg.data)
     (out_dir / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
-    counts = {
-        "labeled": data.labeled_counts.tolist(),
-        "unlabeled": None if data.unlabeled_counts is None else data.unlabeled_counts.tolist(),
-        "val": np.bincount(data.val.labels, minlength=data.num_classes).tolist(),
-        "test": np.bincount(data.test.labels, minlength=data.num_classes).tolist(),
-    }
+    counts = {split: None if c is None else c.tolist() for split, c in split_counts(data).items()}
     (out_dir / "counts.json").write_text(json.dumps(counts))
     if progress:
         print(describe_counts(data), file=sys.stderr)

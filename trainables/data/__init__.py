@@ -24,12 +24,22 @@ BUILDERS: dict[DatasetName, Callable[[DataConfig], SSLData]] = {
     "imagefolder": build_imagefolder,
 }
 
-__all__ = ["BUILDERS", "DatasetNotFoundError", "build_data", "describe_counts"]
+__all__ = ["BUILDERS", "DatasetNotFoundError", "build_data", "describe_counts", "split_counts"]
 
 
 def build_data(cfg: DataConfig) -> SSLData:
     """The splits of the data set `cfg.dataset`."""
     return BUILDERS[cfg.dataset](cfg)
+
+
+def split_counts(data: SSLData) -> dict[str, np.ndarray | None]:
+    """Per-class image counts of each split; the unlabeled column is by ground truth, None where unknown."""
+    return {
+        "labeled": data.labeled_counts,
+        "unlabeled": data.unlabeled_counts,
+        "val": np.bincount(data.val.labels, minlength=data.num_classes),
+        "test": np.bincount(data.test.labels, minlength=data.num_classes),
+    }
 
 
 def describe_counts(data: SSLData) -> str:
@@ -38,12 +48,7 @@ def describe_counts(data: SSLData) -> str:
     Unlabeled images of unknown class (STL-10's unlabeled split, out-of-class images) count in totals only.
     """
     c = data.num_classes
-    columns = {
-        "labeled": data.labeled_counts,
-        "unlabeled": data.unlabeled_counts,
-        "val": np.bincount(data.val.labels, minlength=c),
-        "test": np.bincount(data.test.labels, minlength=c),
-    }
+    columns = split_counts(data)
     names = data.class_names if len(data.class_names) == c else [""] * c
     width = max([len("class")] + [len(n) for n in names])
     lines = [f"{'#':>4} {'class':<{width}} " + " ".join(f"{k:>9}" for k in columns)]

@@ -23,7 +23,7 @@ from torchvision import datasets
 
 from trainables.config import DataConfig
 from trainables.data.base import ImageSet, SSLData
-from trainables.data.splits import balanced_per_class, split_ssl
+from trainables.data.splits import balanced_per_class, split_pool
 
 # Per-channel statistics of the 50k training images on [0, 1] (the constants FixMatch and DASO use).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -119,21 +119,12 @@ def _build_cifar(cfg: DataConfig, cls: type, name: str, mean: tuple, std: tuple)
     images = np.ascontiguousarray(train.data)  # uint8 (50000, 32, 32, 3)
     labels = np.asarray(train.targets, dtype=np.int64)
     val_size = CIFAR_VAL_SIZE if cfg.val_size is None else cfg.val_size
-    idx = split_ssl(
-        labels,
-        num_classes,
-        n1=cfg.n1,
-        m1=cfg.m1,
-        gamma_l=cfg.gamma_l,
-        gamma_u=cfg.gamma_u_resolved,
-        val_per_class=balanced_per_class(val_size, num_classes),
-        seed=cfg.seed,
-    )
+    parts = split_pool(images, labels, num_classes, cfg, balanced_per_class(val_size, num_classes))
     return SSLData(
-        labeled=ImageSet(images[idx["labeled"]], labels[idx["labeled"]]),
-        unlabeled_images=images[idx["unlabeled"]],
-        unlabeled_truth=labels[idx["unlabeled"]],
-        val=ImageSet(images[idx["val"]], labels[idx["val"]]),
+        labeled=parts["labeled"],
+        unlabeled_images=parts["unlabeled"].images,
+        unlabeled_truth=parts["unlabeled"].labels,
+        val=parts["val"],
         test=ImageSet(np.ascontiguousarray(test.data), np.asarray(test.targets, dtype=np.int64)),
         num_classes=num_classes,
         mean=mean,

@@ -8,9 +8,14 @@ the reference code (algorithms.md section 1).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+
+from trainables.data.base import ImageSet
+
+if TYPE_CHECKING:
+    from trainables.config import DataConfig
 
 
 def long_tailed_counts(n_max: int, gamma: float, num_classes: int) -> list[int]:
@@ -105,3 +110,29 @@ def balanced_per_class(total: int, num_classes: int, what: str = "val_size") -> 
             f"class-balanced, e.g. {what}={(total // num_classes) * num_classes}"
         )
     return total // num_classes
+
+
+def split_pool(
+    images: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    cfg: DataConfig,
+    val_per_class: int,
+    unlabeled: bool = True,
+) -> dict[str, ImageSet]:
+    """`split_ssl` with the config's profile (n1, m1, gamma_l, gamma_u, seed) applied to a labeled pool.
+
+    Returns the "labeled", "unlabeled" and "val" parts as ImageSets; the unlabeled part's labels are its ground
+    truth, for measurement only. unlabeled=False takes no unlabeled pool (STL-10 has its own unlabeled split).
+    """
+    idx = split_ssl(
+        labels,
+        num_classes,
+        n1=cfg.n1,
+        m1=cfg.m1 if unlabeled else 0,
+        gamma_l=cfg.gamma_l,
+        gamma_u=cfg.gamma_u_resolved if unlabeled else 1.0,
+        val_per_class=val_per_class,
+        seed=cfg.seed,
+    )
+    return {part: ImageSet(images[i], labels[i]) for part, i in idx.items()}

@@ -19,7 +19,7 @@ from torchvision import datasets
 from trainables.config import DataConfig
 from trainables.data.base import ImageSet, SSLData
 from trainables.data.cifar import DatasetNotFoundError, open_torchvision_dataset
-from trainables.data.splits import balanced_per_class, split_ssl
+from trainables.data.splits import balanced_per_class, split_pool
 
 # Per-channel statistics of STL-10 on [0, 1] (112.4, 109.1, 98.6) / 255 and (68.4, 66.6, 68.5) / 255.
 STL10_MEAN = (0.4408, 0.4278, 0.3867)
@@ -71,22 +71,13 @@ def build_stl10(cfg: DataConfig) -> SSLData:
     images = np.ascontiguousarray(train.data.transpose(0, 2, 3, 1))  # uint8 (5000, 96, 96, 3)
     labels = train.labels.astype(np.int64)
     val_size = STL10_VAL_SIZE if cfg.val_size is None else cfg.val_size
-    idx = split_ssl(
-        labels,
-        num_classes,
-        n1=cfg.n1,
-        m1=0,
-        gamma_l=cfg.gamma_l,
-        gamma_u=1.0,
-        val_per_class=balanced_per_class(val_size, num_classes),
-        seed=cfg.seed,
-    )
+    parts = split_pool(images, labels, num_classes, cfg, balanced_per_class(val_size, num_classes), unlabeled=False)
     unlabeled = unlabeled_images(cfg.root)
     return SSLData(
-        labeled=ImageSet(images[idx["labeled"]], labels[idx["labeled"]]),
+        labeled=parts["labeled"],
         unlabeled_images=unlabeled,
         unlabeled_truth=np.full(len(unlabeled), -1, dtype=np.int64),
-        val=ImageSet(images[idx["val"]], labels[idx["val"]]),
+        val=parts["val"],
         test=ImageSet(np.ascontiguousarray(test.data.transpose(0, 2, 3, 1)), test.labels.astype(np.int64)),
         num_classes=num_classes,
         mean=STL10_MEAN,

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from trainables.config import DataConfig
 from trainables.data.base import ImageSet, SSLData
-from trainables.data.splits import balanced_per_class, split_ssl
+from trainables.data.splits import balanced_per_class, split_pool
 
 SHAPES = ("disc", "ring", "square", "triangle", "cross")
 FILLS = ("solid", "stripes", "checker", "rings", "speckle")
@@ -273,27 +273,16 @@ def build_synthetic(cfg: DataConfig) -> SSLData:
             f"synthetic.pool_per_class={pool} is below val ({val_per_class}) + n1 ({cfg.n1}) + m1 ({cfg.m1})"
             f" = {need} images per class; raise data.synthetic.pool_per_class or lower data.n1 / data.m1"
         )
-    if cfg.seed < 0:
-        raise ValueError(f"data.seed={cfg.seed}: the synthetic generator needs a seed >= 0")
     labels = np.repeat(np.arange(num_classes), pool)
     images = render(labels, num_classes, spec.image_size, (cfg.seed, 0))
     test_labels = np.repeat(np.arange(num_classes), spec.test_per_class)
-    idx = split_ssl(
-        labels,
-        num_classes,
-        n1=cfg.n1,
-        m1=cfg.m1,
-        gamma_l=cfg.gamma_l,
-        gamma_u=cfg.gamma_u_resolved,
-        val_per_class=val_per_class,
-        seed=cfg.seed,
-    )
+    parts = split_pool(images, labels, num_classes, cfg, val_per_class)
     mean, std = normalisation(num_classes, spec.image_size)
     return SSLData(
-        labeled=ImageSet(images[idx["labeled"]], labels[idx["labeled"]]),
-        unlabeled_images=images[idx["unlabeled"]],
-        unlabeled_truth=labels[idx["unlabeled"]],
-        val=ImageSet(images[idx["val"]], labels[idx["val"]]),
+        labeled=parts["labeled"],
+        unlabeled_images=parts["unlabeled"].images,
+        unlabeled_truth=parts["unlabeled"].labels,
+        val=parts["val"],
         test=ImageSet(render(test_labels, num_classes, spec.image_size, (cfg.seed, 1)), test_labels),
         num_classes=num_classes,
         mean=mean,
