@@ -20,7 +20,9 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from service.secrets import redact
 from service.space import Asha, Categorical, Fixed, SpaceFile, grid_size
+from service.storage import Location
 from trainables.config import (
     METHOD_BLOCKS,
     PRESETS,
@@ -68,6 +70,16 @@ def trial_run_dict(base: dict[str, Any], values: dict[str, Any], preset: str) ->
         if preset not in presets:
             method.pop(block, None)  # the base may carry blocks for the sweep's other presets
     return out
+
+
+def anchor_paths(run: dict[str, Any], launch_dir: Path) -> dict[str, Any]:
+    """A run configuration dict with its relative data paths made absolute at the launch directory (trials run in
+    their own directories, possibly on other nodes)."""
+    data = run["data"]
+    data["root"] = str((launch_dir / data["root"]).resolve())
+    if data.get("imagefolder"):
+        data["imagefolder"]["root"] = str((launch_dir / data["imagefolder"]["root"]).resolve())
+    return run
 
 
 @dataclass(frozen=True)
@@ -123,20 +135,26 @@ class Plan:
         return grid_size(self.spec.space) if self.spec.search.sampler == "grid" else DEFAULT_NUM_TRIALS
 
     @property
-    def storage_dir(self) -> Path:
-        return (self.launch_dir / Path(self.spec.storage.path).expanduser()).resolve()
+    def storage(self) -> Location:
+        """Where sweeps live: `storage.path` as an absolute local path (relative to the launch dir) or a URI."""
+        path = self.spec.storage.path
+        if "://" in path:
+            return Location(path.rstrip("/"), self.spec.storage.endpoint_url)
+        return Location(str((self.launch_dir / Path(path).expanduser()).resolve()))
 
     @property
-    def experiment_dir(self) -> Path:
-        return self.storage_dir / self.sweep_name
+    def sweep_location(self) -> Location:
+        return self.storage / self.sweep_name
 
     @property
     def tracking_uri(self) -> str:
+        """The MLflow tracking URI, credentials included: open connections with it, never write it down."""
         uri = self.spec.tracking.uri or "sqlite:///mlflow.db"
         return _absolute_sqlite(uri, self.launch_dir)
 
     @property
     def optuna_storage(self) -> str | None:
+        """The Optuna storage URL, credentials included: open connections with it, never write it down."""
         uri = self.spec.storage.optuna
         return None if uri is None else _absolute_sqlite(uri, self.launch_dir)
 
@@ -151,12 +169,16 @@ class Plan:
         return RunConfig.model_validate(trial_run_dict(self.base, {}, preset or self.presets[0]))
 
     def frozen_fields(self) -> dict[str, Any]:
-        """What a resumed sweep keeps from its start (Tuner.restore reloads it): compared on --resume."""
+        """What a resumed sweep keeps from its start (Tuner.restore reloads it): compared on --resume.
+
+        Store URLs appear redacted: this goes into the plan file and the parent run's artifacts.
+        """
         dump = self.spec.model_dump(mode="json", exclude={"description", "base", "base_file"})
         dump["base"] = self.base
         dump["search"]["num_trials"] = self.num_trials
-        dump["tracking"]["uri"] = self.tracking_uri
-        dump["storage"]["optuna"] = self.optuna_storage
+        dump["tracking"]["uri"] = redact(self.tracking_uri)
+        dump["storage"]["optuna"] = redact(self.optuna_storage)
+        dump["storage"]["path"] = self.storage.uri
         return dump
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import optuna
 
-from service.plan import PRESET_PATH, Plan, trial_run_dict
+from service.plan import PRESET_PATH, Plan, anchor_paths, trial_run_dict
 from service.space import Fixed, LogOneMinus, SamplerName
 from trainables.config import RunConfig
 from trainables.ray_trainable import SERVICE_KEY
@@ -62,11 +62,7 @@ class TrialSampler:
         name = run_name(self.space, values, optuna_number)
         fields = {path: v for k, v in values.items() if k != PRESET_PATH for path in self.targets[k]}
         raw = trial_run_dict(self.base, fields, values[PRESET_PATH])
-        run = RunConfig.model_validate({**raw, "name": name}).model_dump(mode="json")
-        # trials run in their own directories: anchor relative data paths at the launch directory
-        run["data"]["root"] = str((self.launch_dir / run["data"]["root"]).resolve())
-        if run["data"].get("imagefolder"):
-            run["data"]["imagefolder"]["root"] = str((self.launch_dir / run["data"]["imagefolder"]["root"]).resolve())
+        run = anchor_paths(RunConfig.model_validate({**raw, "name": name}).model_dump(mode="json"), self.launch_dir)
         sampled = {k: v for k, v in values.items() if k in self.space and not isinstance(self.space[k], Fixed)}
         return {**run, SERVICE_KEY: {"params": sampled, "optuna_trial": optuna_number, "run_name": name}}
 

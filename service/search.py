@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from service import secrets
 from service.plan import Plan
 from service.sampling import OPTUNA_NUMBER, SAMPLERS, TrialSampler
 
@@ -31,6 +33,8 @@ class SweepSearch(OptunaSearch):
     def __init__(self, plan: Plan):
         metrics, modes = plan.spec.search.objectives_lists()
         storage = None
+        # the redacted URL: Tune pickles the searcher into the experiment state, which must carry no password
+        self._storage_url = secrets.remember(plan.optuna_storage)
         if plan.optuna_storage is not None:
             storage = optuna.storages.RDBStorage(plan.optuna_storage)
         self._trial_sampler = TrialSampler(plan)
@@ -82,6 +86,41 @@ class SweepSearch(OptunaSearch):
             if int(result[STEP]) < self._final_steps.get(trial_id, math.inf):
                 result = None  # no final value: OptunaSearch tells Optuna PRUNED, valued at the last intermediate
         super().on_trial_complete(trial_id, result=result, error=error)
+
+    # ---- pickling: Tune saves the searcher in the sweep's storage (tuner.pkl, searcher state) --------------------
+
+    def _portable_state(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if self._storage_url is not None:
+            # the study lives in its database: keep its name and trial ids, not connections (their URL holds the
+            # password); an in-memory study is pickled whole, that is how it survives a --resume
+            state["_storage"] = None
+            state["_ot_study"] = None
+            state["_ot_trials"] = {tid: trial._trial_id for tid, trial in self._ot_trials.items()}
+        return state
+
+    def _reconnect(self) -> None:
+        if self._storage_url is None or self._ot_study is not None:
+            return
+        self._storage = optuna.storages.RDBStorage(secrets.reveal(self._storage_url))
+        self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage, sampler=self._sampler)
+        self._ot_trials = {tid: optuna.Trial(self._ot_study, number) for tid, number in self._ot_trials.items()}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self._portable_state()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reconnect()
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self._portable_state(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+        self._reconnect()
 
     def _optuna_trial(self, trial_id: str) -> optuna.Trial:
         return self._ot_trials[trial_id]  # OptunaSearch's live trials; it has no public accessor

@@ -14,11 +14,14 @@ from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from service.secrets import redact
+from service.storage import SCHEMES
 from trainables.config import PresetName, RunConfig
 
 Mode = Literal["max", "min"]
 SamplerName = Literal["tpe", "gp", "nsga2", "random", "grid"]
 Scalar = str | int | float | bool | None
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
 #: metric names follow trainables/metrics.py: `val/balanced_acc`, `val/recall_tail`, `val/recall/c03`, ...
 METRIC_NAME = re.compile(r"^val/[A-Za-z0-9_]+(/[A-Za-z0-9_]+)*$")
@@ -271,8 +274,17 @@ class SearchConfig(Frozen):
 
 
 class Resources(Frozen):
+    """What one trial asks of a Ray node; the driver checks, before any trial starts, that some node can hold it."""
+
     cpu: float = Field(1.0, gt=0, description="CPU cores per trial")
     gpu: float = Field(0.0, ge=0, description="GPUs per trial; a fraction (0.5) packs trials on one GPU")
+    memory_gb: float | None = Field(
+        None, gt=0, description="host memory per trial in GiB (Ray's memory resource); null = not reserved"
+    )
+    custom: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources per trial, e.g. {trial_slot: 1} or {'accelerator_type:H100': 0.001}",
+    )
 
     @field_validator("gpu")
     @classmethod
@@ -280,6 +292,30 @@ class Resources(Frozen):
         if gpu > 1 and not float(gpu).is_integer():
             raise ValueError("use a fraction of one GPU (0 < gpu <= 1) or a whole number of GPUs")
         return gpu
+
+    @field_validator("custom")
+    @classmethod
+    def _custom_names(cls, custom: dict[str, float]) -> dict[str, float]:
+        for name, amount in custom.items():
+            if name in RAY_BUILTIN_RESOURCES:
+                raise ValueError(f"{name!r} is a built-in resource; use resources.cpu, gpu or memory_gb")
+            if amount <= 0:
+                raise ValueError(f"custom resource {name!r}: amount {amount} must be above 0")
+        return custom
+
+    def ray_request(self) -> dict[str, float]:
+        """Ray's names and units: CPU, GPU, memory (bytes) and the custom resources; zero amounts left out."""
+        request = {"CPU": self.cpu, "GPU": self.gpu, **self.custom}
+        if self.memory_gb is not None:
+            request["memory"] = self.memory_gb * 2**30
+        return {k: v for k, v in request.items() if v}
+
+    def tune_request(self) -> dict[str, float]:
+        """The same request in `tune.with_resources`' spelling."""
+        request = {"cpu": self.cpu, "gpu": self.gpu, **self.custom}
+        if self.memory_gb is not None:
+            request["memory"] = self.memory_gb * 2**30
+        return request
 
 
 class Tracking(Frozen):
@@ -305,17 +341,60 @@ class Tracking(Frozen):
 
 
 class Storage(Frozen):
-    """Where the sweep's state lives. `path` is a directory (on a cluster: one every node mounts, e.g. NFS)."""
+    """Where the sweep's state lives: a directory every node mounts (NFS) or an object store every node reaches."""
 
-    path: str = Field("ray_results", description="Ray Tune results and checkpoints; shared storage on a cluster")
-    optuna: str | None = Field(None, description="Optuna storage URL (e.g. sqlite:///optuna.db); null = in memory")
+    path: str = Field(
+        "ray_results",
+        description="Ray Tune state, checkpoints and trial folders: a directory (on a cluster, one every node "
+        "mounts) or s3://bucket/prefix, gs://bucket/prefix",
+    )
+    endpoint_url: str | None = Field(
+        None,
+        description="S3-compatible endpoint for an s3:// path (MinIO, Ceph, ...); null = AWS_ENDPOINT_URL_S3 or "
+        "AWS_ENDPOINT_URL from the environment, else AWS",
+    )
+    optuna: str | None = Field(
+        None,
+        description="Optuna storage URL (sqlite:///optuna.db, postgresql://host/db; a password may come from "
+        "PGPASSWORD); null = in memory, saved with the Ray experiment",
+    )
 
     @field_validator("path")
     @classmethod
-    def _directory(cls, path: str) -> str:
+    def _directory_or_store(cls, path: str) -> str:
         if "://" in path:
-            raise ValueError("a directory path (on a cluster, one every node mounts); URIs are not supported")
+            scheme, rest = path.split("://", 1)
+            if scheme not in SCHEMES:
+                raise ValueError(
+                    f"{scheme}:// is not a store Ray Tune can share between nodes; use a directory every node "
+                    f"mounts, or one of {', '.join(s + '://bucket/prefix' for s in SCHEMES)}"
+                )
+            if not rest.split("/", 1)[0]:
+                raise ValueError(f"{path!r} names no bucket; expected {scheme}://bucket/prefix")
         return path
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _http_endpoint(cls, url: str | None) -> str | None:
+        if url is not None and not re.match(r"^https?://[^/\s]+/?$", url):
+            raise ValueError(f"{url!r}: expected http(s)://host:port of an S3-compatible store")
+        return url
+
+    @field_validator("optuna")
+    @classmethod
+    def _database(cls, url: str | None) -> str | None:
+        if url is not None and not re.match(r"^(sqlite|postgresql|mysql|mariadb|oracle|mssql)(\+\w+)?://", url):
+            raise ValueError(
+                f"{redact(url)!r} is not a database URL; use sqlite:///optuna.db or postgresql://host:5432/db "
+                "(any SQLAlchemy URL of a database Optuna supports)"
+            )
+        return url
+
+    @model_validator(mode="after")
+    def _endpoint_for_s3(self) -> Storage:
+        if self.endpoint_url is not None and not self.path.startswith("s3://"):
+            raise ValueError(f"endpoint_url applies to an s3:// path only; path is {self.path!r}")
+        return self
 
 
 class SpaceFile(Frozen):

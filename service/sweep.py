@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,8 +21,9 @@ import ray
 from mlflow import MlflowClient
 from ray import tune
 
+from service import cluster, secrets
 from service.console import TrialEvents
-from service.plan import Plan
+from service.plan import Plan, anchor_paths
 from service.search import build_scheduler, build_searcher
 from service.space import describe
 from service.tracking import (
@@ -42,7 +44,7 @@ from trainables.config import ConfigError
 from trainables.ray_trainable import SERVICE_KEY, run_trial
 
 RECORD_FILE = "service_plan.json"
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = cluster.PROJECT_ROOT
 INTERRUPTED = 130  # exit status of a sweep stopped by Ctrl-C (the shell's convention for SIGINT)
 
 
@@ -56,23 +58,31 @@ class Outcome:
 
 def preflight(plan: Plan, resume: bool) -> dict[str, Any] | None:
     """Checks that need no Ray or MLflow; returns the stored record when resuming. Raises ConfigError."""
-    where = plan.experiment_dir
+    where = plan.sweep_location
+    try:
+        if not plan.storage.remote and Path(plan.storage.uri).is_file():
+            raise ConfigError(f"{plan.source}: storage.path {plan.storage} is a file; it must be a directory")
+        exists = where.exists()
+        record = where / RECORD_FILE
+        has_record = resume and record.is_file()
+        others = [] if has_record or not resume else plan.storage.subdirs()
+    except OSError as err:  # an unreachable object store, missing credentials, a bucket that does not exist
+        raise ConfigError(f"{plan.source}: storage.path {plan.storage} cannot be read: {err}") from err
     if not resume:
-        if where.exists():
+        if exists:
             raise ConfigError(
                 f"{plan.source}: a sweep of this space already exists at {where}; pass --resume to continue it, "
                 "or delete that directory to start over"
             )
         return None
-    record_path = where / RECORD_FILE
-    if not record_path.is_file():
-        others = sorted(p.name for p in plan.storage_dir.glob(f"{plan.spec.experiment}-*") if p.is_dir())
+    if not has_record:
+        others = [name for name in others if name.startswith(f"{plan.spec.experiment}-")]
         raise ConfigError(
             f"{plan.source}: no sweep to resume at {where} (its name holds the space hash {plan.space_hash[:8]}, "
             "so a changed base or space starts a new sweep); "
             + (f"sweeps of this experiment: {', '.join(others)}" if others else "no sweep of this experiment exists")
         )
-    stored = json.loads(record_path.read_text())
+    stored = json.loads(record.read_text())
     diffs = _differences(stored["frozen"], plan.frozen_fields())
     if diffs:
         raise ConfigError(
@@ -84,10 +94,11 @@ def preflight(plan: Plan, resume: bool) -> dict[str, Any] | None:
 
 def start_parent(plan: Plan) -> SweepRecord:
     client = MlflowClient(plan.tracking_uri)
+    safe_uri = secrets.remember(plan.tracking_uri)
     experiment = client.get_experiment_by_name(plan.mlflow_experiment)
     if experiment is not None and experiment.lifecycle_stage == "deleted":
         raise ConfigError(
-            f"MLflow experiment {plan.mlflow_experiment!r} is deleted at {plan.tracking_uri}; restore it in the UI "
+            f"MLflow experiment {plan.mlflow_experiment!r} is deleted at {safe_uri}; restore it in the UI "
             "or set tracking.experiment to another name"
         )
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(plan.mlflow_experiment)
@@ -105,10 +116,10 @@ def start_parent(plan: Plan) -> SweepRecord:
     run = client.create_run(experiment_id, run_name=plan.sweep_name, tags=tags)
     run_id = run.info.run_id
     log_params(client, run_id, plan_params(plan))
-    client.log_text(run_id, plan.source.read_text(), f"space/{plan.source.name}")
+    client.log_text(run_id, secrets.redact_text(plan.source.read_text()), f"space/{plan.source.name}")
     client.log_dict(run_id, plan.frozen_fields(), "space/resolved_plan.json")
     return SweepRecord(
-        tracking_uri=plan.tracking_uri,
+        tracking_uri=safe_uri,
         experiment_id=experiment_id,
         parent_run_id=run_id,
         sweep_name=plan.sweep_name,
@@ -130,13 +141,16 @@ def plan_params(plan: Plan) -> dict[str, str]:
 
 
 def write_record(plan: Plan, record: SweepRecord) -> None:
-    path = plan.experiment_dir / RECORD_FILE
     data = {
         "record": asdict(record),
         "frozen": plan.frozen_fields(),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    path.write_text(json.dumps(data, indent=2, default=str))
+    (plan.sweep_location / RECORD_FILE).write_text(json.dumps(data, indent=2, default=str))
+
+
+def client_for(record: SweepRecord) -> MlflowClient:
+    return MlflowClient(secrets.reveal(record.tracking_uri))
 
 
 def run(plan: Plan, stored: dict[str, Any] | None, address: str | None) -> Outcome:
@@ -144,22 +158,24 @@ def run(plan: Plan, stored: dict[str, Any] | None, address: str | None) -> Outco
     # Tune forces an experiment snapshot whenever a trial has replaced its kept checkpoints; on local disk that
     # costs milliseconds, so its "may become a bottleneck" warning is noise here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    runtime_env = None
-    if address is not None:  # a cluster's workers need this checkout's code; data and results stay out
-        excludes = [".git", ".venv", "data", "ray_results", "mlruns", "mlflow.db", "*.db"]
-        runtime_env = {"working_dir": str(PROJECT_ROOT), "excludes": excludes}
-    ray.init(address=address or "local", include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+    secrets.remember(plan.tracking_uri)
+    secrets.remember(plan.optuna_storage)
+    with tempfile.TemporaryDirectory(prefix="ltssl-code-") as staging:
+        runtime_env = None
+        if address is not None:  # a cluster's workers import the project from what the driver ships, nothing else
+            runtime_env = {"working_dir": str(cluster.stage_code(Path(staging) / "code"))}
+        ray.init(address=address or "local", include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
     started = time.monotonic()
     record = None
     try:
-        check_cluster(plan, ray.cluster_resources())
+        prepare_cluster(plan, remote=address is not None)
         if stored is None:
             record = start_parent(plan)
         else:
             record = SweepRecord(
                 **{**stored["record"], "objectives": tuple(map(tuple, stored["record"]["objectives"]))}
             )
-            client = MlflowClient(record.tracking_uri)
+            client = client_for(record)
             client.update_run(record.parent_run_id, status="RUNNING")
             client.set_tag(record.parent_run_id, OUTCOME, "running")
         tuner = _tuner(plan, record, MlflowTrialLogger(record), restore=stored is not None)
@@ -168,37 +184,46 @@ def run(plan: Plan, stored: dict[str, Any] | None, address: str | None) -> Outco
         tuner.fit()
     except KeyboardInterrupt:  # a second Ctrl-C: Tune's own handler took the first one
         if record is not None:
-            terminal(MlflowClient(record.tracking_uri), record.parent_run_id, "KILLED", "interrupted")
+            terminal(client_for(record), record.parent_run_id, "KILLED", "interrupted")
         raise
     except Exception:
         if record is not None:
-            terminal(MlflowClient(record.tracking_uri), record.parent_run_id, "FAILED", "failed")
+            terminal(client_for(record), record.parent_run_id, "FAILED", "failed")
         raise
     finally:
         ray.shutdown()
     outcome = summarize(plan, record, time.monotonic() - started)
     status = "FINISHED" if outcome.complete or outcome.time_budget_hit else "KILLED"
     summary = "finished" if outcome.complete else "time budget" if outcome.time_budget_hit else "interrupted"
-    terminal(MlflowClient(record.tracking_uri), record.parent_run_id, status, summary)
+    terminal(client_for(record), record.parent_run_id, status, summary)
     return outcome
 
 
-def check_cluster(plan: Plan, available: dict[str, float]) -> None:
-    """A trial that asks for more than the whole cluster has would wait forever: refuse before anything runs."""
-    wanted = {"CPU": plan.spec.resources.cpu, "GPU": plan.spec.resources.gpu}
-    short = {k: v for k, v in wanted.items() if v > available.get(k, 0.0)}
-    if short:
-        have = ", ".join(f"{available.get(k, 0.0):g} {k}" for k in short)
-        need = ", ".join(f"resources.{k.lower()}: {v:g}" for k, v in short.items())
-        raise ConfigError(f"{plan.source}: {need} per trial, but the Ray cluster has {have} in all")
+def prepare_cluster(plan: Plan, remote: bool) -> None:
+    """Before anything is written: a node must hold a trial, a local storage path must be shared by every node,
+    and every node that may run a trial must have the data set. Raises ConfigError naming the nodes."""
+    nodes = cluster.alive_nodes(ray.nodes())
+    able = cluster.check_fit(plan.spec.resources.ray_request(), nodes, str(plan.source))
+    if not plan.storage.remote:
+        cluster.check_shared_storage(Path(plan.storage.uri), nodes, str(plan.source))
+    runs = [anchor_paths(plan.base_config(p).model_dump(mode="json"), plan.launch_dir) for p in plan.presets]
+    datas = {json.dumps(r["data"], sort_keys=True): r["data"] for r in runs}
+    problems = cluster.data_problems(list(datas.values()), able if remote else None)
+    if problems:
+        raise ConfigError(
+            f"{plan.source}: trials could not load their data set:\n" + "\n".join(f"  {p}" for p in problems)
+        )
 
 
 def _tuner(plan: Plan, record: SweepRecord, logger: MlflowTrialLogger, restore: bool) -> tune.Tuner:
-    trainable = tune.with_resources(run_trial, {"cpu": plan.spec.resources.cpu, "gpu": plan.spec.resources.gpu})
+    trainable = tune.with_resources(run_trial, plan.spec.resources.tune_request())
+    filesystem, path = plan.storage.filesystem()
+    filesystem = filesystem if plan.storage.remote else None
     if restore:
         # Tune reloads the searcher, the scheduler and the callbacks it pickled at the start; finished and errored
         # trials stay as they are, unfinished ones continue from their last checkpoint
-        return tune.Tuner.restore(str(plan.experiment_dir), trainable=trainable, resume_unfinished=True)
+        where = f"{path}/{plan.sweep_name}"
+        return tune.Tuner.restore(where, trainable=trainable, resume_unfinished=True, storage_filesystem=filesystem)
     searcher, _ = build_searcher(plan)
     search = plan.spec.search
     return tune.Tuner(
@@ -215,7 +240,8 @@ def _tuner(plan: Plan, record: SweepRecord, logger: MlflowTrialLogger, restore: 
         ),
         run_config=tune.RunConfig(
             name=plan.sweep_name,
-            storage_path=str(plan.storage_dir),
+            storage_path=path,
+            storage_filesystem=filesystem,
             callbacks=[logger, TrialEvents()],
             failure_config=tune.FailureConfig(max_failures=search.max_failures),
             # two, so the one a retry restores from is never the one being replaced
@@ -236,7 +262,7 @@ def trial_dirname(trial: Any) -> str:
 
 def summarize(plan: Plan, record: SweepRecord, elapsed_s: float) -> Outcome:
     counts: dict[str, int] = {}
-    for r in children(MlflowClient(record.tracking_uri), record):
+    for r in children(client_for(record), record):
         outcome = r.data.tags.get(OUTCOME, "running")
         counts[outcome] = counts.get(outcome, 0) + 1
     ended = sum(counts.get(o, 0) for o in ("finished", "pruned", "failed"))

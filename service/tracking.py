@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from ray import tune
 
-from service import leaderboard
+from service import leaderboard, secrets
 from service.leaderboard import Row
 from service.sampling import SERVICE_KEY
 from trainables.ray_trainable import ARTIFACTS
@@ -33,6 +33,15 @@ COMMIT = "mlflow.source.git.commit"
 ROLE, SWEEP, SPACE_HASH = "ltssl.role", "ltssl.sweep", "ltssl.space_hash"
 TRIAL_ID, OPTUNA_TRIAL, PRESET = "ltssl.tune_trial_id", "ltssl.optuna_trial", "ltssl.preset"
 OUTCOME, LAST_STEP, RETRIES = "ltssl.outcome", "ltssl.last_step", "ltssl.retries"
+#: where the trial ran (its latest attempt), from the trainable's reports; `ltssl.nodes` lists every node it ran on
+WHERE_TAGS = {
+    "ray_node_id": "ltssl.node_id",
+    "hostname": "ltssl.hostname",
+    "node_ip": "ltssl.node_ip",
+    "gpu_model": "ltssl.gpu",
+    "code_path": "ltssl.code_path",
+}
+NODES = "ltssl.nodes"
 PER_CLASS = re.compile(r"/c\d+$")  # per-class keys: val/recall/c03, pl/count/c117, ...
 BATCH = 1000  # MLflow's limit of metrics per log_batch call
 PARAM_BATCH = 100  # and of params
@@ -42,7 +51,7 @@ PARAM_BATCH = 100  # and of params
 class SweepRecord:
     """Where a sweep's runs live. Pickled into the Tune experiment, so a resumed sweep logs to the same place."""
 
-    tracking_uri: str
+    tracking_uri: str  # redacted (service.secrets): the plan file and Tune's state carry no password
     experiment_id: str
     parent_run_id: str
     sweep_name: str
@@ -100,6 +109,8 @@ class MlflowTrialLogger(tune.Callback):
         self._runs: dict[str, str] = {}  # Tune trial id -> MLflow run id
         self._last_step: dict[str, int] = {}
         self._ended: set[str] = set()
+        self._where: dict[str, dict[str, str]] = {}  # Tune trial id -> where tags last written
+        self._nodes: dict[str, list[str]] = {}  # Tune trial id -> nodes it ran on
         self._rows: dict[str, Row] | None = None  # leaderboard rows, read from MLflow once per session
 
     def __getstate__(self) -> dict[str, Any]:
@@ -112,7 +123,7 @@ class MlflowTrialLogger(tune.Callback):
     @property
     def client(self) -> MlflowClient:
         if self._client is None:
-            self._client = MlflowClient(self.record.tracking_uri)
+            self._client = MlflowClient(secrets.reveal(self.record.tracking_uri))
         return self._client
 
     # ---- Tune callback hooks ---------------------------------------------------------------------------------
@@ -137,8 +148,25 @@ class MlflowTrialLogger(tune.Callback):
             self.client.log_batch(run_id, metrics=chunk)
         self.client.set_tag(run_id, LAST_STEP, str(step))
         self._last_step[trial.trial_id] = step
+        self._record_where(trial, run_id, result)
         row = self._row(trial)
         row.metrics.update({k: float(v) for k, v in result.items() if _is_metric(k, v) and not PER_CLASS.search(k)})
+
+    def _record_where(self, trial: Any, run_id: str, result: dict) -> None:
+        """Tag the run with where the trial runs, when that changed (a first report, a retry on another node)."""
+        where = {tag: str(result[key]) for key, tag in WHERE_TAGS.items() if key in result}
+        if not where or self._where.get(trial.trial_id) == where:
+            return
+        # ltssl.nodes: every node the trial ran on, across retries and --resume (read back once per session)
+        nodes = self._nodes.get(trial.trial_id)
+        if nodes is None:
+            nodes = [n for n in self.client.get_run(run_id).data.tags.get(NODES, "").split(",") if n]
+        node = where.get(WHERE_TAGS["ray_node_id"])
+        if node and node not in nodes:
+            nodes.append(node)
+        tags = [RunTag(k, v) for k, v in {**where, NODES: ",".join(nodes)}.items()]
+        self.client.log_batch(run_id, tags=tags)
+        self._where[trial.trial_id], self._nodes[trial.trial_id] = where, nodes
 
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self._run_of(trial)

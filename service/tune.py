@@ -17,7 +17,9 @@ from typing import Any
 import yaml
 
 from service.plan import Plan, load_plan
-from service.space import Asha, describe, json_schema
+from service.secrets import redact, redact_text
+from service.space import Asha, Resources, describe, json_schema
+from service.storage import endpoint_from_env
 from trainables.config import ConfigError
 
 DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "quickstart.yaml"
@@ -75,12 +77,12 @@ def main(argv: list[str] | None = None) -> int:
 
         stored = sweep.preflight(plan, resume=args.resume)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact_text(str(err))}", file=sys.stderr)
         return 2
     try:
         outcome = sweep.run(plan, stored, args.address)
     except ConfigError as err:  # found once MLflow is open, e.g. the experiment was deleted in the UI
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact_text(str(err))}", file=sys.stderr)
         return 2
     print(render_outcome(plan, outcome, argv if argv is not None else sys.argv[1:]))
     if outcome.counts.get("failed", 0) == plan.num_trials:
@@ -92,6 +94,7 @@ def render_plan(plan: Plan, samples: int) -> str:
     from service.sampling import sample_configs
 
     spec, search = plan.spec, plan.spec.search
+    endpoint = (plan.storage.endpoint_url or endpoint_from_env()) if plan.storage.scheme == "s3" else None
     lines = [f"Sweep {plan.sweep_name}  ({plan.source}, space hash {plan.space_hash[:12]})"]
     if spec.description:
         lines.append(f"  {spec.description}")
@@ -110,10 +113,11 @@ def render_plan(plan: Plan, samples: int) -> str:
         f"Scheduler: {_scheduler_text(plan)}",
         f"Concurrency: {search.max_concurrent or 'as resources allow'}; time budget: {budget}; "
         f"retries per trial: {search.max_failures}",
-        f"Resources per trial: {spec.resources.cpu:g} CPU, {spec.resources.gpu:g} GPU",
-        f"Ray results: {plan.experiment_dir}",
-        f"Optuna study: {plan.sweep_name} ({plan.optuna_storage or 'in memory, saved with the Ray experiment'})",
-        f"MLflow: {plan.tracking_uri}, experiment {plan.mlflow_experiment!r} (one parent run, one child per trial)",
+        f"Resources per trial: {_resources_text(spec.resources)} (on one node)",
+        f"Ray results: {plan.sweep_location}" + (f" (endpoint {endpoint})" if endpoint else ""),
+        f"Optuna study: {plan.sweep_name} ({redact(plan.optuna_storage) or 'in memory, saved with the Ray experiment'})",
+        f"MLflow: {redact(plan.tracking_uri)}, experiment {plan.mlflow_experiment!r} (one parent run, one child per "
+        "trial)",
         f"\nSampled configurations ({samples} of {plan.num_trials}):",
     ]
     for config in sample_configs(plan, samples):
@@ -122,6 +126,14 @@ def render_plan(plan: Plan, samples: int) -> str:
         lines += [f"      {k} = {v!r}" for k, v in meta["params"].items()]
     lines.append("\nDry run: nothing was started or written.")
     return "\n".join(lines)
+
+
+def _resources_text(resources: Resources) -> str:
+    parts = [f"{resources.cpu:g} CPU", f"{resources.gpu:g} GPU"]
+    if resources.memory_gb is not None:
+        parts.append(f"{resources.memory_gb:g} GiB memory")
+    parts += [f"{v:g} {k}" for k, v in resources.custom.items()]
+    return ", ".join(parts)
 
 
 def _scheduler_text(plan: Plan) -> str:
@@ -144,7 +156,7 @@ def render_outcome(plan: Plan, outcome: Any, argv: list[str]) -> str:
         lines.append(f"The time budget of {plan.spec.search.time_budget_s:g} s ended the sweep.")
     elif not outcome.complete:
         again = [a for a in argv if a != "--resume"] + ["--resume"]
-        lines.append(f"Interrupted. Resume with: python -m service.tune {shlex.join(again)}")
+        lines.append(f"Interrupted. Resume with: python -m service.tune {redact_text(shlex.join(again))}")
     lines.append(f"Leaderboard: artifact leaderboard.md of the parent run {record.parent_run_id}")
     lines.append("Open the MLflow UI on the experiment:")
     uri = record.tracking_uri

@@ -4,8 +4,10 @@ The Tune config is the trial's resolved `RunConfig` as a plain dict plus a `serv
 here). A restored trial (a retry after a failure, or `--resume`) gets its latest Tune checkpoint copied back into
 `out_dir/checkpoint` and the loop continues from it. Every evaluation is reported with `tune.report`, with the loop's
 checkpoint directory when one was written. The last evaluation is reported once training has returned, so its
-checkpoint also carries the final per-class table and confusion matrix (`artifacts/`): the driver's MLflow logger
-reads them from there, which works wherever the trial ran.
+checkpoint also carries the final per-class table and confusion matrix (`artifacts/`) and the run's own records
+(`metrics.jsonl`, `counts.json`, `config.json`): Tune persists every checkpoint to the sweep's storage (a shared
+directory or an object store), so the driver's MLflow logger reads them from there wherever the trial ran, and the
+trial's folder in storage holds its whole run. Every report also says where the trial ran (`WHERE_KEYS`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from trainables.config import RunConfig, validate
 
 SERVICE_KEY = "service"  # the Tune config's metadata entry (written by service/sampling.py); the rest is the RunConfig
 ARTIFACTS = "artifacts"  # the loop's final tables, under out_dir and inside the last Tune checkpoint
+RUN_RECORDS = ("metrics.jsonl", "counts.json", "config.json")  # the loop's files that go with the last checkpoint
+WHERE_KEYS = ("ray_node_id", "gpu_model", "code_path")  # string result entries; Tune adds hostname and node_ip
 
 
 def run_trial(config: dict[str, Any]) -> None:
@@ -39,9 +43,25 @@ def run_trial(config: dict[str, Any]) -> None:
     if restored is not None:
         with restored.as_directory() as src:
             restore_checkpoint(Path(src), out_dir / CHECKPOINT_DIR)
-    reporter = TuneReporter(cfg, out_dir)
+    reporter = TuneReporter(cfg, out_dir, where=where_running())
     train(cfg, out_dir, report=reporter, resume=restored is not None, progress=False)
     reporter.report_last()
+
+
+def where_running() -> dict[str, str]:
+    """The Ray node, the GPU model (or none) and the folder `trainables` was imported from, i.e. the code that runs:
+    on a cluster, the copy the driver shipped (Ray's runtime_resources), not a checkout the node happens to have."""
+    import ray
+    import torch
+
+    import trainables
+
+    gpu = torch.cuda.get_device_name(torch.cuda.current_device()) if torch.cuda.is_available() else "none"
+    return {
+        "ray_node_id": ray.get_runtime_context().get_node_id(),
+        "gpu_model": gpu,
+        "code_path": str(Path(trainables.__file__).resolve().parent),
+    }
 
 
 def evaluation_index(step: int, eval_every: int) -> int:
@@ -50,22 +70,24 @@ def evaluation_index(step: int, eval_every: int) -> int:
 
 
 def restore_checkpoint(src: Path, dst: Path) -> None:
-    """Replace the loop's checkpoint directory with a Tune checkpoint's content (minus the final artifacts)."""
+    """Replace the loop's checkpoint directory with a Tune checkpoint's content (minus the final files)."""
     if dst.exists():
         shutil.rmtree(dst)
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(ARTIFACTS))
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(ARTIFACTS, *RUN_RECORDS))
 
 
 class TuneReporter:
     """The loop's `report` callback: forwards each evaluation to Tune; holds back the last until training ends."""
 
-    def __init__(self, cfg: RunConfig, out_dir: Path):
+    def __init__(self, cfg: RunConfig, out_dir: Path, where: dict[str, str] | None = None):
         self.cfg = cfg
         self.out_dir = out_dir
+        self.where = where or {}
         self.last: tuple[dict[str, float], Path | None] | None = None
 
     def __call__(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
-        metrics = {**metrics, "evaluation": evaluation_index(int(metrics["step"]), self.cfg.train.eval_every)}
+        evaluation = evaluation_index(int(metrics["step"]), self.cfg.train.eval_every)
+        metrics = {**metrics, "evaluation": evaluation, **self.where}
         if int(metrics["step"]) >= self.cfg.train.iterations:
             self.last = (metrics, checkpoint_dir)
             return
@@ -84,4 +106,7 @@ class TuneReporter:
         final.mkdir(parents=True, exist_ok=True)
         if (self.out_dir / ARTIFACTS).is_dir():
             shutil.copytree(self.out_dir / ARTIFACTS, final / ARTIFACTS)
+        for name in RUN_RECORDS:
+            if (self.out_dir / name).is_file():
+                shutil.copy2(self.out_dir / name, final / name)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(final)))

@@ -126,7 +126,7 @@ def record_for(plan) -> SweepRecord:
 
 def test_existing_sweep_needs_resume(write_space, tmp_path):
     plan = load_plan(write_space(SMALL), launch_dir=tmp_path)
-    plan.experiment_dir.mkdir(parents=True)
+    Path(plan.sweep_location.uri).mkdir(parents=True)
     write_record(plan, record_for(plan))
     with pytest.raises(ConfigError, match="already exists.*pass --resume"):
         preflight(plan, resume=False)
@@ -135,10 +135,10 @@ def test_existing_sweep_needs_resume(write_space, tmp_path):
 
 def test_resume_refuses_a_changed_plan(write_space, tmp_path):
     plan = load_plan(write_space(SMALL), launch_dir=tmp_path)
-    plan.experiment_dir.mkdir(parents=True)
+    Path(plan.sweep_location.uri).mkdir(parents=True)
     write_record(plan, record_for(plan))
     changed = load_plan(write_space(SMALL), sets=["search.sampler=random", "search.num_trials=9"], launch_dir=tmp_path)
-    assert changed.experiment_dir == plan.experiment_dir  # same question, other budget and sampler
+    assert changed.sweep_location == plan.sweep_location  # same question, other budget and sampler
     with pytest.raises(ConfigError) as info:
         preflight(changed, resume=True)
     message = str(info.value)
@@ -148,10 +148,10 @@ def test_resume_refuses_a_changed_plan(write_space, tmp_path):
 
 def test_changed_space_is_another_sweep(write_space, tmp_path):
     plan = load_plan(write_space(SMALL), launch_dir=tmp_path)
-    plan.experiment_dir.mkdir(parents=True)
-    (plan.experiment_dir / RECORD_FILE).write_text("{}")
+    Path(plan.sweep_location.uri).mkdir(parents=True)
+    (plan.sweep_location / RECORD_FILE).write_text("{}")
     wider = load_plan(write_space(SMALL.replace("high: 0.1}", "high: 0.2}")), launch_dir=tmp_path)
-    assert wider.experiment_dir != plan.experiment_dir
+    assert wider.sweep_location != plan.sweep_location
     with pytest.raises(ConfigError, match=f"no sweep to resume.*sweeps of this experiment: {plan.sweep_name}"):
         preflight(wider, resume=True)
     assert preflight(wider, resume=False) is None  # a fresh sweep with its own study
@@ -161,5 +161,5 @@ def test_resources_the_cluster_lacks_exit_2_before_any_run(tmp_path):
     (tmp_path / "space.yaml").write_text(SMALL + "resources: {cpu: 1024}\n")
     out = cli("--space", "space.yaml", cwd=tmp_path)
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
-    assert "resources.cpu: 1024 per trial, but the Ray cluster has" in out.stderr
+    assert "no node of the Ray cluster can hold one trial, which asks for 1024 CPU" in out.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["space.yaml"]  # no MLflow store, no sweep directory

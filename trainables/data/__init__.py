@@ -24,12 +24,21 @@ BUILDERS: dict[DatasetName, Callable[[DataConfig], SSLData]] = {
     "imagefolder": build_imagefolder,
 }
 
-__all__ = ["BUILDERS", "DatasetNotFoundError", "build_data", "describe_counts", "split_counts"]
+__all__ = ["BUILDERS", "DatasetNotFoundError", "build_data", "describe_counts", "ensure_available", "split_counts"]
 
 
 def build_data(cfg: DataConfig) -> SSLData:
     """The splits of the data set `cfg.dataset`."""
     return BUILDERS[cfg.dataset](cfg)
+
+
+def ensure_available(cfg: DataConfig) -> None:
+    """Make sure a run on this machine can load `cfg`'s data: downloads it when allowed (one process at a time per
+    `data.root`), raises DatasetNotFoundError naming the path and the fix otherwise. A sweep's driver calls this on
+    every node that may run a trial before the first trial starts."""
+    if cfg.dataset == "synthetic":
+        return  # generated from its seed wherever it runs
+    build_data(cfg)  # reads the files (downloads them first when allowed); images of an image folder load lazily
 
 
 def split_counts(data: SSLData) -> dict[str, np.ndarray | None]:

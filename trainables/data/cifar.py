@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
+from filelock import FileLock
 from torchvision import datasets
 
 from trainables.config import DataConfig
@@ -103,7 +104,12 @@ def open_torchvision_dataset(cls: type, name: str, root: str, download: bool, **
         if reason is not None:
             raise DatasetNotFoundError(f"{name} not found under {folder} and cannot be downloaded: {reason}. {how}")
     try:
-        return cls(root, download=download, **kwargs)
+        if not missing:
+            return cls(root, download=False, **kwargs)
+        # trials sharing a node (or a shared data.root) download one at a time; the others then find the files
+        Path(root).mkdir(parents=True, exist_ok=True)
+        with FileLock(str(Path(root) / f".{cls.base_folder}.download.lock")):
+            return cls(root, download=download, **kwargs)
     except (urllib.error.URLError, OSError, RuntimeError) as err:
         raise DatasetNotFoundError(f"{name}: could not download or read {folder}: {err!r}. {how}") from err
     except (pickle.UnpicklingError, EOFError, ValueError, KeyError) as err:
