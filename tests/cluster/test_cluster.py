@@ -1,0 +1,237 @@
+"""The cluster path against real components: a three-node Ray cluster, an MLflow server on PostgreSQL with artifacts
+in an S3-compatible store, the Optuna study in PostgreSQL and Ray Tune's state in S3. Every sweep is started from a
+directory outside the checkout, as `python -m service.tune`, and checked through the public clients afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from tests.trainables.data.fakes import write_cifar10
+
+from .conftest import AWS, REPO, RayCluster, base_env
+
+pytestmark = pytest.mark.cluster
+
+SPACE = f"""
+experiment: {{name}}
+base_file: {REPO}/trainables/configs/repro_synthetic.yaml
+base:
+  train: {{{{iterations: 40, eval_every: 20}}}}
+space:
+  method.preset: {{{{type: categorical, values: [fixmatch, fixmatch_la, fixmatch_drw]}}}}
+search: {{{{sampler: grid, metric: val/balanced_acc, max_concurrent: {{concurrent}}}}}}
+"""
+
+
+def space(name: str, concurrent: int = 2, extra: str = "") -> str:
+    return SPACE.format(name=name, concurrent=concurrent) + extra
+
+
+def tune(cwd: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "service.tune", "--space", "space.yaml", *args],
+        cwd=cwd,
+        env=env or base_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def child_runs(client: MlflowClient, experiment: str) -> list:
+    exp = client.get_experiment_by_name(experiment)
+    return [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("ltssl.role") == "trial"]
+
+
+def test_sweep_runs_on_two_worker_nodes_with_the_code_it_ships(ray_cluster: RayCluster, tmp_path):
+    # trials need a trial_slot, which only the two worker nodes have (one each): two trials at a time, one per node
+    resources = "resources: {cpu: 1, custom: {trial_slot: 1}}\nstorage: {path: results}\n"
+    (tmp_path / "space.yaml").write_text(space("nodes", extra=resources))
+    out = tune(tmp_path, "--address", ray_cluster.address, env=ray_cluster.env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    children = child_runs(client, "nodes")
+    assert len(children) == 3
+    assert all(c.data.tags["ltssl.outcome"] == "finished" for c in children)
+    workers = {ray_cluster.node_ids["shared"], ray_cluster.node_ids["private"]}
+    ran_on = {c.data.tags["ltssl.node_id"] for c in children}
+    assert ran_on == workers  # both worker nodes, never the head
+    for child in children:
+        tags = child.data.tags
+        assert tags["ltssl.nodes"] == tags["ltssl.node_id"]
+        assert tags["ltssl.gpu"] == "none" and tags["ltssl.hostname"] and tags["ltssl.node_ip"]
+        # the nodes' Python cannot import the project; the trial imported the copy Ray unpacked from the driver's
+        # upload, not the checkout
+        code = Path(tags["ltssl.code_path"])
+        assert "runtime_resources" in code.parts and code.name == "trainables", code
+        assert not code.is_relative_to(REPO)
+        # the trial's run folder lives in the sweep's storage: its last checkpoint holds the final tables and records
+        (trial_dir,) = (tmp_path / "results").glob(f"nodes-*/{tags['ltssl.tune_trial_id']}_*")
+        final = sorted(trial_dir.glob("checkpoint_*"))[-1]
+        assert {"state.pt", "metrics.jsonl", "counts.json", "config.json"} <= {p.name for p in final.iterdir()}
+        assert (final / "artifacts" / "per_class_test.csv").is_file()
+        assert [json.loads(line)["step"] for line in (final / "metrics.jsonl").read_text().splitlines()] == [20, 40]
+
+
+def test_a_trial_no_node_can_hold_is_refused_naming_the_nodes(ray_cluster: RayCluster, tmp_path):
+    # 2 CPUs: the cluster has 2 in all, but no node has 2
+    (tmp_path / "space.yaml").write_text(space("too_big", extra="resources: {cpu: 2}\n"))
+    out = tune(tmp_path, "--address", ray_cluster.address, env=ray_cluster.env, timeout=300)
+    assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "no node of the Ray cluster can hold one trial, which asks for 2 CPU" in out.stderr
+    for node_id in ray_cluster.node_ids.values():
+        assert node_id[:8] in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]
+
+
+def test_local_storage_a_node_cannot_see_is_refused(ray_cluster: RayCluster, tmp_path):
+    results = ray_cluster.private / "results"
+    (tmp_path / "space.yaml").write_text(space("unshared", extra=f"storage: {{path: {results}}}\n"))
+    out = tune(tmp_path, "--address", ray_cluster.address, env=ray_cluster.env, timeout=300)
+    assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"storage.path {results} is a local directory that 1 of the cluster's 3 nodes cannot see" in out.stderr
+    assert ray_cluster.node_ids["private"][:8] in out.stderr
+    assert ray_cluster.node_ids["shared"][:8] not in out.stderr
+    assert not results.exists()  # the check left nothing behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]
+
+
+def test_a_data_set_missing_on_a_node_is_one_configuration_error(ray_cluster: RayCluster, tmp_path):
+    root = ray_cluster.private / "data"  # CIFAR-10 files the driver and one worker see, the other does not
+    write_cifar10(root, train_per_class=30, test_per_class=2)
+    base = f"  data: {{dataset: cifar10, root: {root}, download: false, n1: 10, m1: 10, gamma_l: 2, val_size: 50}}\n"
+    text = space("no_data", extra="resources: {cpu: 1, custom: {trial_slot: 1}}\n").replace(
+        "base:\n", "base:\n" + base
+    )
+    (tmp_path / "space.yaml").write_text(text)
+    out = tune(tmp_path, "--address", ray_cluster.address, env=ray_cluster.env, timeout=300)
+    assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "trials could not load their data set" in out.stderr and "CIFAR-10 not found" in out.stderr
+    assert ray_cluster.node_ids["private"][:8] in out.stderr
+    assert ray_cluster.node_ids["shared"][:8] not in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]  # no MLflow store, no sweep directory
+
+
+# ---- team mode ---------------------------------------------------------------------------------------------------
+
+PASSWORD = "hunter2-never-written-7c41"  # PostgreSQL here trusts loopback, so any password connects
+
+
+def test_team_mode_sweep_with_s3_storage_survives_an_interrupt(tmp_path, mlflow_server, databases, s3_server):
+    optuna_url = databases().replace("postgres@", f"postgres:{PASSWORD}@")
+    storage = f"s3://{s3_server.bucket}/sweeps"
+    extra = (
+        f"storage: {{path: '{storage}', endpoint_url: '{s3_server.endpoint}', optuna: '{optuna_url}'}}\n"
+        "tracking: {experiment: team}\n"
+    )
+    (tmp_path / "space.yaml").write_text(space("team", concurrent=1, extra=extra))
+    env = {**base_env(), **AWS}
+    args = [sys.executable, "-m", "service.tune", "--space", "space.yaml", "--tracking-uri", mlflow_server]
+    first = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    # interrupt once the first trial has finished and the second has logged an evaluation (so it has a checkpoint)
+    client = MlflowClient(mlflow_server)
+    deadline = time.monotonic() + 400
+    while True:
+        exp = client.get_experiment_by_name("team")
+        tags = [r.data.tags for r in child_runs(client, "team")] if exp else []
+        finished = [t for t in tags if t.get("ltssl.outcome") == "finished"]
+        started = [t for t in tags if t.get("ltssl.outcome") == "running" and int(t.get("ltssl.last_step", -1)) >= 20]
+        if finished and started:
+            break
+        if first.poll() is not None or time.monotonic() > deadline:
+            first.kill()
+            pytest.fail("the sweep never reached a second trial with a checkpoint:\n" + first.communicate()[0][-3000:])
+        time.sleep(1)
+    first.send_signal(signal.SIGINT)
+    first_out, _ = first.communicate(timeout=180)
+    assert first.returncode == 130, first_out[-3000:]
+
+    second = subprocess.run([*args, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+
+    # MLflow, read back through the server: one child per trial, every evaluation once, tables in the S3 store
+    children = child_runs(client, "team")
+    assert len(children) == 3 and len({c.data.tags["ltssl.tune_trial_id"] for c in children}) == 3
+    (sweep_name,) = {c.data.tags["ltssl.sweep"] for c in children}
+    study = optuna.load_study(study_name=sweep_name, storage=optuna_url)
+    by_tune_id = {t.user_attrs["tune_trial_id"]: t for t in study.trials}
+    assert len(study.trials) == 3
+    for child in children:
+        run_id = child.info.run_id
+        assert (child.info.status, child.data.tags["ltssl.outcome"]) == ("FINISHED", "finished")
+        history = client.get_metric_history(run_id, "val/balanced_acc")
+        assert [m.step for m in history] == [20, 40]
+        assert child.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server to S3
+        table = Path(client.download_artifacts(run_id, "per_class_test.csv", str(tmp_path / run_id))).read_text()
+        assert len(table.strip().splitlines()) == 11
+        # Optuna saw the same trials, with the same values
+        trial = by_tune_id[child.data.tags["ltssl.tune_trial_id"]]
+        assert trial.state == TrialState.COMPLETE
+        assert trial.value == pytest.approx(history[-1].value)
+        assert trial.intermediate_values == {m.step: pytest.approx(m.value) for m in history}
+
+    # Ray Tune's state and the trials' checkpoints are in the S3 store, under the sweep
+    objects = s3_objects(s3_server)
+    keys = set(objects)
+    prefix = f"sweeps/{sweep_name}/"
+    assert {f"{prefix}tuner.pkl", f"{prefix}service_plan.json"} <= keys
+    assert any(k.startswith(prefix) and k.endswith("/state.pt") for k in keys)
+    assert any(k.startswith("mlflow/") and k.endswith("per_class_test.csv") for k in keys)
+    assert not (tmp_path / "ray_results").exists()
+
+    # the password never left this process: not printed, not in the S3 store (Tune's pickles included), not in
+    # either database (MLflow params, tags and artifacts; Optuna's tables)
+    for text in (first_out, second.stdout, second.stderr):
+        assert PASSWORD not in text
+    leaked = [k for k, body in objects.items() if PASSWORD.encode() in body]
+    assert leaked == []
+    assert AWS["AWS_SECRET_ACCESS_KEY"].encode() not in b"".join(objects.values())
+    assert not database_contains(optuna_url, PASSWORD)
+    parent = client.get_run(children[0].data.tags["mlflow.parentRunId"])
+    assert PASSWORD not in json.dumps(parent.data.params) + json.dumps(parent.data.tags)
+    plan = Path(client.download_artifacts(parent.info.run_id, "space", str(tmp_path / "parent"))).rglob("*")
+    assert all(PASSWORD not in p.read_text() for p in plan if p.is_file())
+    assert "postgres:***@" in json.loads(objects[f"{prefix}service_plan.json"])["frozen"]["storage"]["optuna"]
+
+
+def s3_objects(s3) -> dict[str, bytes]:
+    import boto3
+
+    from .conftest import _boto_credentials
+
+    client = boto3.client("s3", endpoint_url=s3.endpoint, **_boto_credentials())
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=s3.bucket):
+        for obj in page.get("Contents", []):
+            out[obj["Key"]] = client.get_object(Bucket=s3.bucket, Key=obj["Key"])["Body"].read()
+    return out
+
+
+def database_contains(url: str, needle: str) -> bool:
+    """Whether any text column of any table of the database holds `needle`."""
+    import psycopg
+
+    dbname = url.rsplit("/", 1)[1]
+    with psycopg.connect(f"host=127.0.0.1 port=5432 user=postgres dbname={dbname}") as conn:
+        columns = conn.execute(
+            "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'public' "
+            "AND data_type IN ('text', 'character varying')"
+        ).fetchall()
+        for table, column in columns:
+            hit = conn.execute(f'SELECT 1 FROM "{table}" WHERE "{column}" LIKE %s LIMIT 1', (f"%{needle}%",))
+            if hit.fetchone():
+                return True
+    return False
