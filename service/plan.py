@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from service.secrets import redact
+from service.secrets import redact, redact_text
 from service.space import Asha, Categorical, Fixed, SpaceFile, grid_size
 from service.storage import Location
 from trainables.config import (
@@ -191,7 +191,10 @@ def load_plan(
     """Parse and check a space file; `sets` are `--set path=value` strings, `overrides` the other CLI flags."""
     source = Path(path)
     raw = deep_merge(deep_merge(read_yaml(source), parse_overrides(sets or [])), overrides or {})
-    spec: SpaceFile = validate(SpaceFile, raw, source=str(source))
+    try:
+        spec: SpaceFile = validate(SpaceFile, raw, source=str(source))
+    except ConfigError as err:  # a rejected store URL is quoted in the message: without its password
+        raise ConfigError(redact_text(str(err))) from None
     base = spec.base
     if spec.base_file is not None:
         base_path = source.parent / spec.base_file

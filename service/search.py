@@ -104,7 +104,7 @@ class SweepSearch(OptunaSearch):
             return
         self._storage = optuna.storages.RDBStorage(secrets.reveal(self._storage_url))
         self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage, sampler=self._sampler)
-        self._ot_trials = {tid: optuna.Trial(self._ot_study, number) for tid, number in self._ot_trials.items()}
+        self._ot_trials = {tid: optuna.Trial(self._ot_study, trial_id) for tid, trial_id in self._ot_trials.items()}
 
     def __getstate__(self) -> dict[str, Any]:
         return self._portable_state()

@@ -128,3 +128,35 @@ def test_final_result_withheld_by_the_scheduler_still_completes_the_trial(small_
     trial = search.study.trials[0]
     assert trial.state == TrialState.COMPLETE and trial.value == pytest.approx(0.45)
     assert trial.intermediate_values == {20: 0.3, 40: 0.4, 60: 0.45}
+
+
+def test_a_database_study_is_pickled_as_its_name_and_reconnects(write_space, tmp_path):
+    # Tune pickles the searcher into the sweep's storage: a database study goes as its name and trial ids (the
+    # URL's password must not travel), and comes back connected, mid-trial
+    import pickle
+
+    plan = load_plan(write_space(SMALL + "storage: {optuna: sqlite:///optuna.db}\n"), launch_dir=tmp_path)
+    search = SweepSearch(plan)
+    search.suggest("q")
+    search.on_trial_result("q", result(20, 0.3))
+    state = search.__getstate__()
+    assert state["_ot_study"] is None and state["_storage"] is None and state["_ot_trials"] == {"q": search.study.trials[0]._trial_id}
+    again = pickle.loads(pickle.dumps(search))
+    again.on_trial_result("q", result(40, 0.4))
+    again.on_trial_complete("q", result=result(60, 0.5))
+    (trial,) = again.study.trials
+    assert trial.state == TrialState.COMPLETE and trial.intermediate_values == {20: 0.3, 40: 0.4, 60: 0.5}
+    saved = tmp_path / "searcher.pkl"
+    search.save(str(saved))
+    fresh = SweepSearch(plan)
+    fresh.restore(str(saved))
+    assert fresh.study.trials[0].state == TrialState.COMPLETE
+
+
+def test_an_in_memory_study_is_pickled_whole(small_plan):
+    import pickle
+
+    search = SweepSearch(small_plan)
+    search.suggest("m")
+    again = pickle.loads(pickle.dumps(search))
+    assert [t.user_attrs["tune_trial_id"] for t in again.study.trials] == ["m"]
