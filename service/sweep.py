@@ -164,11 +164,16 @@ def run(plan: Plan, stored: dict[str, Any] | None, address: str | None) -> Outco
         runtime_env = None
         if address is not None:  # a cluster's workers import the project from what the driver ships, nothing else
             runtime_env = {"working_dir": str(cluster.stage_code(Path(staging) / "code"))}
+        connecting = time.perf_counter()
         ray.init(address=address or "local", include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+        shipped = f", code shipped: {len(cluster.code_files())} files" if runtime_env else ""
+        print(f"[sweep] ray: connected in {time.perf_counter() - connecting:.1f} s{shipped}", flush=True)
     started = time.monotonic()
     record = None
     try:
+        checking = time.perf_counter()
         prepare_cluster(plan, remote=address is not None)
+        print(f"[sweep] checks: nodes, storage and data in {time.perf_counter() - checking:.1f} s", flush=True)
         if stored is None:
             record = start_parent(plan)
         else:

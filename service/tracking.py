@@ -10,11 +10,12 @@ logged step is kept in a tag).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,20 @@ def terminal(client: MlflowClient, run_id: str, status: str, outcome: str) -> No
     client.set_terminated(run_id, status=status)
 
 
+def _timed(hook: Callable) -> Callable:
+    """Count the time a callback hook spends in the driver (MLflow calls block Tune's event loop meanwhile)."""
+
+    @functools.wraps(hook)
+    def wrapper(self: MlflowTrialLogger, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return hook(self, *args, **kwargs)
+        finally:
+            self.busy_s += time.perf_counter() - started
+
+    return wrapper
+
+
 class MlflowTrialLogger(tune.Callback):
     """Child runs for the trials of one sweep (see the module docstring for why this runs in the driver)."""
 
@@ -112,6 +127,7 @@ class MlflowTrialLogger(tune.Callback):
         self._where: dict[str, dict[str, str]] = {}  # Tune trial id -> where tags last written
         self._nodes: dict[str, list[str]] = {}  # Tune trial id -> nodes it ran on
         self._rows: dict[str, Row] | None = None  # leaderboard rows, read from MLflow once per session
+        self.busy_s = 0.0  # time spent in MLflow calls in this session (printed at the end)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"record": self.record}
@@ -128,9 +144,11 @@ class MlflowTrialLogger(tune.Callback):
 
     # ---- Tune callback hooks ---------------------------------------------------------------------------------
 
+    @_timed
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._run_of(trial)
 
+    @_timed
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         run_id = self._run_of(trial)
         step = int(result["step"])
@@ -168,11 +186,13 @@ class MlflowTrialLogger(tune.Callback):
         self.client.log_batch(run_id, tags=tags)
         self._where[trial.trial_id], self._nodes[trial.trial_id] = where, nodes
 
+    @_timed
     def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self._run_of(trial)
         retries = int(self.client.get_run(run_id).data.tags.get(RETRIES, "0")) + 1
         self.client.set_tag(run_id, RETRIES, str(retries))
 
+    @_timed
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self._run_of(trial)
         finished = self._last_step[trial.trial_id] >= trial.config["train"]["iterations"]
@@ -185,6 +205,7 @@ class MlflowTrialLogger(tune.Callback):
         else:  # Tune completes a trial before its last evaluation only when the scheduler (ASHA) stops it
             self._end(trial, "KILLED", "pruned")
 
+    @_timed
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self._run_of(trial)
         error = trial.get_error()
@@ -193,11 +214,19 @@ class MlflowTrialLogger(tune.Callback):
         self._end(trial, "FAILED", "failed")
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
+        started = time.perf_counter()
         # runs still open were cut short by an interruption: --resume reopens them
         for trial in trials:
             if trial.trial_id in self._runs and trial.trial_id not in self._ended:
                 self._end(trial, "KILLED", "interrupted")
         self._write_leaderboard()
+        self.busy_s += time.perf_counter() - started
+        n = max(len(self._runs), 1)
+        print(
+            f"[sweep] tracking: {self.busy_s:.2f} s of MLflow calls in the driver for {len(self._runs)} trial(s), "
+            f"{self.busy_s / n * 1000:.0f} ms per trial ({secrets.redact(self.record.tracking_uri)})",
+            flush=True,
+        )
 
     # ---- runs --------------------------------------------------------------------------------------------------
 

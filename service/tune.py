@@ -115,7 +115,7 @@ def render_plan(plan: Plan, samples: int) -> str:
         f"retries per trial: {search.max_failures}",
         f"Resources per trial: {_resources_text(spec.resources)} (on one node)",
         f"Ray results: {plan.sweep_location}" + (f" (endpoint {endpoint})" if endpoint else ""),
-        f"Optuna study: {plan.sweep_name} ({redact(plan.optuna_storage) or 'in memory, saved with the Ray experiment'})",
+        f"Optuna study: {plan.sweep_name} ({redact(plan.optuna_storage) or 'in memory, saved with the Ray state'})",
         f"MLflow: {redact(plan.tracking_uri)}, experiment {plan.mlflow_experiment!r} (one parent run, one child per "
         "trial)",
         f"\nSampled configurations ({samples} of {plan.num_trials}):",

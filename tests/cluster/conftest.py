@@ -1,246 +1,34 @@
-"""Real components for the cluster tests, each started by the tests as its own processes on loopback.
-
-- `ray_cluster`: a Ray head and two worker nodes (`ray start`, distinct ports). The nodes run a Python that sees
-  every installed package but not the project (the project's editable install is left out), so a trial can only
-  import `trainables` from what the driver ships. Worker `private` runs in its own mount namespace with a tmpfs
-  over `<tmp>/private`: a directory the driver and the other nodes see but it does not, as a node-local disk would
-  be on a real cluster.
-- `postgres_db`: a fresh database on this machine's PostgreSQL (127.0.0.1:5432, trust auth), dropped afterwards.
-- `s3_server`: moto's S3-compatible server on a free loopback port, with a bucket.
-- `mlflow_server`: `mlflow server` on a free loopback port, backend store in PostgreSQL, artifacts proxied to S3.
-"""
+"""Fixtures for the cluster suite: the real components of `peers`, started by the tests (see that module)."""
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import sysconfig
-import time
-import urllib.request
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
-AWS = {
-    "AWS_ACCESS_KEY_ID": "ltssl-test-key",
-    "AWS_SECRET_ACCESS_KEY": "ltssl-test-secret-0d1e",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            break
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    tail = log.read_text()[-3000:] if log and log.exists() else ""
-    pytest.fail(f"{url} did not answer within {timeout} s\n{tail}")
-
-
-def base_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "MLFLOW_"))}
-    return {**env, "PYTHONUNBUFFERED": "1"}
-
-
-# ---- Ray -------------------------------------------------------------------------------------------------------
-
-
-def project_free_python(where: Path) -> Path:
-    """A Python with this environment's packages (torch, ray, ...) but without the project: a virtual environment
-    whose site-packages points at ours through a .pth line, which does not run our .pth files (the editable install
-    of the project is one)."""
-    venv = where / "node-venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    python = venv / "bin" / "python"
-    site = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    Path(site, "ours.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    return python
-
-
-@dataclass
-class RayCluster:
-    address: str
-    python: Path  # the nodes' project-free Python
-    private: Path  # a directory every process sees except the `private` worker node
-    node_ids: dict[str, str]  # head / shared / private -> Ray node id
-    env: dict[str, str]
-
-
-def _ray_start(python: Path, args: list[str], env: dict[str, str], wrap: list[str] | None = None) -> None:
-    cmd = [*(wrap or []), str(python), "-m", "ray.scripts.scripts", "start", *args, "--disable-usage-stats"]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd="/")
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-
-
-def _node_ids(python: Path, address: str, env: dict[str, str]) -> dict[str, float]:
-    script = (
-        "import json, ray; ray.init(address='%s', logging_level='ERROR');"
-        "print(json.dumps({n['NodeID']: n['Resources'] for n in ray.nodes() if n['Alive']}))" % address
-    )
-    out = subprocess.run([str(python), "-c", script], env=env, capture_output=True, text=True, timeout=120, cwd="/")
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+from . import peers
+from .peers import RayCluster, S3Server
 
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory) -> Iterator[RayCluster]:
-    where = tmp_path_factory.mktemp("ray")
-    python = project_free_python(where)
-    check = subprocess.run([str(python), "-c", "import trainables"], capture_output=True, text=True, cwd="/")
-    assert check.returncode != 0, "the nodes' Python must not see the project"
-    private = where / "private"
-    private.mkdir()
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    # Ray 2.5x clusters started with `ray start` authenticate with a token: every node and the driver share it
-    env = {**base_env(), **AWS, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex + uuid.uuid4().hex}
-    common = ["--object-store-memory", str(200 * 2**20), "--node-ip-address", "127.0.0.1"]
-    head = ["--head", "--port", str(port), "--num-cpus", "0", "--include-dashboard=false", *common]
-    _ray_start(python, head, env)
-    try:
-        for name in ("shared", "private"):
-            agent = str(free_port())
-            args = [
-                "--address", address, "--num-cpus", "1", "--resources", json.dumps({"trial_slot": 1, f"node_{name}": 1}),
-                "--dashboard-agent-listen-port", agent, *common,
-            ]  # fmt: skip
-            # the private node's own mount namespace: a tmpfs hides <tmp>/private from it, and only from it
-            wrap = ["unshare", "-m", "sh", "-c", f'mount -t tmpfs tmpfs {private} && exec "$0" "$@"']
-            _ray_start(python, args, env, wrap=wrap if name == "private" else None)
-        deadline = time.monotonic() + 60
-        while True:
-            nodes = _node_ids(python, address, env)
-            if len(nodes) == 3 or time.monotonic() > deadline:
-                break
-            time.sleep(1)
-        assert len(nodes) == 3, nodes
-        ids = {}
-        for node_id, resources in nodes.items():
-            role = next((r for r in ("shared", "private") if f"node_{r}" in resources), "head")
-            ids[role] = node_id
-        yield RayCluster(address=address, python=python, private=private, node_ids=ids, env=env)
-    finally:
-        subprocess.run([str(python), "-m", "ray.scripts.scripts", "stop", "--force"], env=env, capture_output=True)
-
-
-# ---- PostgreSQL, S3, MLflow ------------------------------------------------------------------------------------
+    with peers.ray_cluster(tmp_path_factory.mktemp("ray")) as cluster:
+        yield cluster
 
 
 @pytest.fixture
-def databases() -> Iterator:
-    """databases() -> the SQLAlchemy URL (psycopg 3) of a new PostgreSQL database; all dropped afterwards."""
-    import psycopg
-
-    admin = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
-    made: list[str] = []
-
-    def create() -> str:
-        name = f"ltssl_{uuid.uuid4().hex[:10]}"
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        made.append(name)
-        return f"{PG}/{name}"
-
-    yield create
-    with psycopg.connect(admin, autocommit=True) as conn:
-        for name in made:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@dataclass
-class S3Server:
-    endpoint: str
-    bucket: str
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+def databases() -> Iterator[Callable[[], str]]:
+    with peers.databases() as create:
+        yield create
 
 
 @pytest.fixture
 def s3_server(tmp_path) -> Iterator[S3Server]:
-    import boto3
-
-    port = free_port()
-    log = tmp_path / "moto.log"
-    moto = shutil.which("moto_server", path=str(Path(sys.executable).parent))
-    proc = subprocess.Popen(
-        [moto, "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        env={**base_env(), **AWS},
-        start_new_session=True,
-    )
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        wait_http(f"{endpoint}/moto-api/", 60, proc, log)
-        bucket = "ltssl-sweeps"
-        boto3.client("s3", endpoint_url=endpoint, **_boto_credentials()).create_bucket(Bucket=bucket)
-        yield S3Server(endpoint=endpoint, bucket=bucket)
-    finally:
-        _stop(proc)
-
-
-def _boto_credentials() -> dict[str, str]:
-    return {
-        "aws_access_key_id": AWS["AWS_ACCESS_KEY_ID"],
-        "aws_secret_access_key": AWS["AWS_SECRET_ACCESS_KEY"],
-        "region_name": AWS["AWS_DEFAULT_REGION"],
-    }
+    with peers.s3_server(tmp_path) as server:
+        yield server
 
 
 @pytest.fixture
 def mlflow_server(tmp_path, databases, s3_server) -> Iterator[str]:
-    """`mlflow server` on PostgreSQL with artifacts proxied to the S3 server; yields http://127.0.0.1:PORT."""
-    port = free_port()
-    log = tmp_path / "mlflow-server.log"
-    mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent))
-    env = {**base_env(), **AWS, "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint}
-    proc = subprocess.Popen(
-        [
-            mlflow, "server", "--backend-store-uri", databases(), "--host", "127.0.0.1", "--port", str(port),
-            "--artifacts-destination", f"s3://{s3_server.bucket}/mlflow", "--workers", "1",
-        ],  # fmt: skip
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        env=env,
-        cwd=tmp_path,
-        start_new_session=True,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/health", 180, proc, log)
+    with peers.mlflow_server(tmp_path, databases(), s3_server) as url:
         yield url
-    finally:
-        _stop(proc)

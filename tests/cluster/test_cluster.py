@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 
 from tests.trainables.data.fakes import write_cifar10
 
-from .conftest import AWS, REPO, RayCluster, base_env
+from .peers import AWS, REPO, RayCluster, base_env
 
 pytestmark = pytest.mark.cluster
 
@@ -112,9 +112,7 @@ def test_a_data_set_missing_on_a_node_is_one_configuration_error(ray_cluster: Ra
     root = ray_cluster.private / "data"  # CIFAR-10 files the driver and one worker see, the other does not
     write_cifar10(root, train_per_class=30, test_per_class=2)
     base = f"  data: {{dataset: cifar10, root: {root}, download: false, n1: 10, m1: 10, gamma_l: 2, val_size: 50}}\n"
-    text = space("no_data", extra="resources: {cpu: 1, custom: {trial_slot: 1}}\n").replace(
-        "base:\n", "base:\n" + base
-    )
+    text = space("no_data", extra="resources: {cpu: 1, custom: {trial_slot: 1}}\n").replace("base:\n", "base:\n" + base)
     (tmp_path / "space.yaml").write_text(text)
     out = tune(tmp_path, "--address", ray_cluster.address, env=ray_cluster.env, timeout=300)
     assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-3000:]
@@ -210,9 +208,9 @@ def test_team_mode_sweep_with_s3_storage_survives_an_interrupt(tmp_path, mlflow_
 def s3_objects(s3) -> dict[str, bytes]:
     import boto3
 
-    from .conftest import _boto_credentials
+    from .peers import boto_credentials
 
-    client = boto3.client("s3", endpoint_url=s3.endpoint, **_boto_credentials())
+    client = boto3.client("s3", endpoint_url=s3.endpoint, **boto_credentials())
     out = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=s3.bucket):
         for obj in page.get("Contents", []):

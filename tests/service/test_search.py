@@ -140,7 +140,8 @@ def test_a_database_study_is_pickled_as_its_name_and_reconnects(write_space, tmp
     search.suggest("q")
     search.on_trial_result("q", result(20, 0.3))
     state = search.__getstate__()
-    assert state["_ot_study"] is None and state["_storage"] is None and state["_ot_trials"] == {"q": search.study.trials[0]._trial_id}
+    assert state["_ot_study"] is None and state["_storage"] is None
+    assert state["_ot_trials"] == {"q": search.study.trials[0]._trial_id}
     again = pickle.loads(pickle.dumps(search))
     again.on_trial_result("q", result(40, 0.4))
     again.on_trial_complete("q", result=result(60, 0.5))

@@ -14,7 +14,10 @@ from .conftest import SMALL
     ("url", "safe"),
     [
         ("postgresql+psycopg://ml:s3cr%40t@db:5432/optuna", "postgresql+psycopg://ml:***@db:5432/optuna"),
-        ("postgresql://ml@db/optuna?sslmode=require&password=pw", "postgresql://ml@db/optuna?sslmode=require&password=***"),
+        (
+            "postgresql://ml@db/optuna?sslmode=require&password=pw",
+            "postgresql://ml@db/optuna?sslmode=require&password=***",
+        ),
         ("https://token123@mlflow.example.org", "https://***@mlflow.example.org"),
         ("http://alice:pw@127.0.0.1:5000/", "http://alice:***@127.0.0.1:5000/"),
         ("mysql://u@h/db?access_key=AK&x=1", "mysql://u@h/db?access_key=***&x=1"),
