@@ -36,7 +36,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, metavar="N", help="number of trials (search.num_trials)")
     p.add_argument("--address", type=_address, help="Ray cluster: auto or HOST:PORT (default: a local Ray)")
     p.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
-    p.add_argument("--storage", metavar="PATH", help="Ray results directory (default: ray_results)")
+    p.add_argument(
+        "--storage",
+        metavar="PATH",
+        help="storage.path: Ray Tune state and trial folders, a directory or s3://bucket/prefix, gs://bucket/prefix "
+        "(default: ray_results)",
+    )
     p.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this space")
     p.add_argument("--dry-run", action="store_true", help="print the resolved plan and sample trials; start nothing")
     p.add_argument(

@@ -29,15 +29,15 @@ from pathlib import Path
 
 from .peers import AWS, REPO, base_env, databases, mlflow_server, ray_cluster, s3_server
 
-SPACE = f"""
+SPACE = """
 experiment: bench
-base_file: {REPO}/trainables/configs/repro_synthetic.yaml
+base_file: {repo}/trainables/configs/repro_synthetic.yaml
 base:
   train: {{iterations: 40, eval_every: 10}}
 space:
   method.preset: {{type: categorical, values: [fixmatch, fixmatch_la, fixmatch_drw, fixmatch_daso]}}
-search: {{sampler: grid, metric: val/balanced_acc, max_concurrent: 2, num_trials: {{trials}}}}
-resources: {{{{cpu: 1}}}}
+search: {{sampler: grid, metric: val/balanced_acc, max_concurrent: 2, num_trials: {trials}}}
+resources: {{cpu: 1}}
 """
 TRACKING = re.compile(r"\[sweep\] tracking: ([\d.]+) s of MLflow calls in the driver for (\d+) trial")
 
@@ -97,7 +97,7 @@ def main() -> None:
                     for name, (flags, env) in variants.items():
                         cwd = where / f"{name.replace(' + ', '-')}-{repeat}"
                         cwd.mkdir()
-                        (cwd / "space.yaml").write_text(SPACE.format(trials=args.trials))
+                        (cwd / "space.yaml").write_text(SPACE.format(repo=REPO, trials=args.trials))
                         # each sweep its own MLflow experiment on the shared server
                         flags = [*flags, "--set", f"tracking.experiment=bench-{cwd.name}"]
                         results[name].append(run_sweep(cwd, flags, env))
@@ -113,7 +113,7 @@ def report(results: dict[str, list[dict[str, float]]], args: argparse.Namespace)
         std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
         return f"{mean:7.2f} +- {std:5.2f} {unit}"
 
-    print(f"\n{args.trials} trials per sweep (40 iterations, 4 evaluations each), {args.repeats} repeat(s), mean +- std")
+    print(f"\n{args.trials} trials per sweep (40 iterations, 4 evaluations), {args.repeats} repeat(s), mean +- std")
     header = f"{'variant':18} {'ray connected':>18} {'first trial':>18} {'whole sweep':>18} {'MLflow per trial':>19}"
     print(header)
     for name, runs in results.items():
