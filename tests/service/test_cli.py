@@ -163,3 +163,23 @@ def test_resources_the_cluster_lacks_exit_2_before_any_run(tmp_path):
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     assert "no node of the Ray cluster can hold one trial, which asks for 1024 CPU" in out.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["space.yaml"]  # no MLflow store, no sweep directory
+
+
+def test_a_missing_data_set_exits_2_before_any_run(tmp_path):
+    synthetic = "  data: {dataset: synthetic, n1: 100, m1: 200, synthetic: {num_classes: 10, pool_per_class: 400}}\n"
+    cifar = "  data: {dataset: cifar10, root: nowhere, download: false, n1: 100, m1: 200}\n"
+    assert synthetic in SMALL
+    (tmp_path / "space.yaml").write_text(SMALL.replace(synthetic, cifar))
+    out = cli("--space", "space.yaml", cwd=tmp_path)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "trials could not load their data set" in out.stderr
+    assert f"CIFAR-10 not found: {tmp_path / 'nowhere'}" in out.stderr and "data.download is false" in out.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["space.yaml"]  # no MLflow store, no sweep directory
+
+
+def test_a_password_in_a_rejected_url_is_not_printed(tmp_path):
+    (tmp_path / "space.yaml").write_text(SMALL)
+    out = cli("--space", "space.yaml", "--set", "storage.optuna=mongodb://ml:pw-in-flag@db/optuna", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "storage.optuna" in out.stderr and "mongodb://ml:***@db/optuna" in out.stderr
+    assert "pw-in-flag" not in out.stderr + out.stdout
