@@ -43,6 +43,12 @@ class Location:
     def name(self) -> str:
         return posixpath.basename(self.uri.rstrip("/"))
 
+    @property
+    def bucket(self) -> Location:
+        """The bucket of an object store URI (`s3://bucket`)."""
+        scheme, rest = self.uri.split("://", 1)
+        return Location(f"{scheme}://{rest.split('/', 1)[0]}", self.endpoint_url)
+
     def __truediv__(self, name: str) -> Location:
         return Location(f"{self.uri.rstrip('/')}/{name}", self.endpoint_url)
 

@@ -21,7 +21,7 @@ import ray
 from mlflow import MlflowClient
 from ray import tune
 
-from service import cluster, secrets
+from service import cluster, secrets, storage
 from service.console import TrialEvents
 from service.plan import Plan, anchor_paths
 from service.search import build_scheduler, build_searcher
@@ -62,6 +62,13 @@ def preflight(plan: Plan, resume: bool) -> dict[str, Any] | None:
     try:
         if not plan.storage.remote and Path(plan.storage.uri).is_file():
             raise ConfigError(f"{plan.source}: storage.path {plan.storage} is a file; it must be a directory")
+        if plan.storage.remote and not plan.storage.bucket.exists():
+            endpoint = plan.storage.endpoint_url or storage.endpoint_from_env()
+            raise ConfigError(
+                f"{plan.source}: storage.path {plan.storage}: bucket {plan.storage.bucket} does not exist"
+                + (f" at {endpoint}" if endpoint else "")
+                + "; create it first (the service never creates buckets)"
+            )
         exists = where.exists()
         record = where / RECORD_FILE
         has_record = resume and record.is_file()

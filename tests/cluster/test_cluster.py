@@ -233,3 +233,20 @@ def database_contains(url: str, needle: str) -> bool:
             if hit.fetchone():
                 return True
     return False
+
+
+def test_a_missing_bucket_or_an_unreachable_store_exits_2_before_anything_starts(tmp_path, s3_server):
+    env = {**base_env(), **AWS}
+    tmp_path = tmp_path / "launch"
+    tmp_path.mkdir()
+    for path, endpoint, fragment in [
+        ("s3://no-such-bucket/sweeps", s3_server.endpoint, "bucket s3://no-such-bucket does not exist at"),
+        (f"s3://{s3_server.bucket}/sweeps", "http://127.0.0.1:9", "cannot be read"),
+    ]:
+        extra = f"storage: {{path: '{path}', endpoint_url: '{endpoint}'}}\n"
+        (tmp_path / "space.yaml").write_text(space("no_store", extra=extra))
+        out = tune(tmp_path, env=env, timeout=300)
+        assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-3000:]
+        assert fragment in out.stderr and "storage.path" in out.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]
+    assert s3_objects(s3_server) == {}
