@@ -183,3 +183,20 @@ def test_a_password_in_a_rejected_url_is_not_printed(tmp_path):
     assert out.returncode == 2
     assert "storage.optuna" in out.stderr and "mongodb://ml:***@db/optuna" in out.stderr
     assert "pw-in-flag" not in out.stderr + out.stdout
+
+
+def test_dry_run_shows_stores_without_their_passwords(tmp_path):
+    (tmp_path / "space.yaml").write_text(SMALL)
+    out = cli(
+        "--space", "space.yaml", "--dry-run", "--tracking-uri", "http://alice:pw-track@mlflow.example:5000",
+        "--set", "storage.optuna=postgresql+psycopg://ml:pw-optuna@db:5432/optuna",
+        "--storage", "s3://team-bucket/sweeps", "--set", "storage.endpoint_url=http://127.0.0.1:9000",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "pw-track" not in out.stdout and "pw-optuna" not in out.stdout
+    assert "MLflow: http://alice:***@mlflow.example:5000" in out.stdout
+    assert "postgresql+psycopg://ml:***@db:5432/optuna" in out.stdout
+    assert "Ray results: s3://team-bucket/sweeps/small-" in out.stdout
+    assert "(endpoint http://127.0.0.1:9000)" in out.stdout
+    assert list(tmp_path.iterdir()) == [tmp_path / "space.yaml"]
