@@ -10,10 +10,12 @@ MLflow start.
 from __future__ import annotations
 
 import copy
+import difflib
 import functools
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,10 +39,12 @@ from trainables.config import (
     read_yaml,
     validate,
 )
+from trainables.metrics import class_key, evaluation_keys
 
 PRESET_PATH = "method.preset"
 DEFAULT_NUM_TRIALS = 20
 RESERVED = {"name": "each trial's name is set from its preset and sampled values"}  # fields a trial sets itself
+PER_CLASS_VAL = re.compile(r"^val/(recall|precision)/c\d{2,}$")
 ASHA_FIXED = ("train.iterations", "train.eval_every")  # ASHA's rungs count evaluations of the base cadence
 
 
@@ -228,6 +232,7 @@ def check(plan: Plan) -> list[str]:
         if name != PRESET_PATH:
             problems += _check_param(plan, name)
     problems += _check_search(plan)
+    problems += _check_objectives(plan)
     gpu, device = spec.resources.gpu, plan.base.get("train", {}).get("device", "auto")
     if gpu == 0 and device == "cuda":
         problems.append("resources.gpu: 0 but base.train.device is 'cuda'; give trials a GPU (e.g. gpu: 0.5)")
@@ -327,6 +332,43 @@ def _check_search(plan: Plan) -> list[str]:
                 f"{evaluations} (iterations / eval_every); ASHA could never stop a trial"
             )
     return problems
+
+
+def _check_objectives(plan: Plan) -> list[str]:
+    """Objective names against the metrics contract: a name no trial reports would end the sweep at its first
+    evaluation. Per-class names are checked against the data set's classes where those are known. (ASHA's
+    `scheduler.metric` is one of the objectives: the space file checks that.)"""
+    problems: list[str] = []
+    for name, _ in plan.spec.search.objectives:
+        for preset in plan.presets:
+            classes = plan.base_config(preset).data.num_classes
+            valid = evaluation_keys("val", classes or 1)
+            if name in valid or (classes is None and PER_CLASS_VAL.match(name)):
+                continue
+            summary = sorted(k for k in valid if not PER_CLASS_VAL.match(k))
+            number = PER_CLASS_VAL.match(name)
+            if number and classes and int(name.rsplit("/c", 1)[1]) < classes:  # the class, padded as the keys are
+                close = [f"{name.rsplit('/', 1)[0]}/{class_key(int(name.rsplit('/c', 1)[1]), classes)}"]
+            else:
+                close = [] if number else _close_names(name, summary)
+            last = f"c{classes - 1:0{max(2, len(str(classes - 1)))}d}" if classes else "cNN"
+            problems.append(
+                f"search.metric: {name!r} is not a metric the trials report"
+                + (f"; did you mean {', '.join(map(repr, close))}?" if close else "")
+                + f" Validation metrics: {', '.join(summary)}, val/recall/c00..{last}, val/precision/c00..{last}"
+            )
+            break
+    return problems
+
+
+def _close_names(name: str, candidates: list[str]) -> list[str]:
+    """Up to three candidates closest to `name`, words in any order (val/tail_recall ~ val/recall_tail)."""
+
+    def words(key: str) -> str:
+        return " ".join(sorted(re.split(r"[/_]", key)))
+
+    by_words = {words(c): c for c in candidates}
+    return [by_words[w] for w in difflib.get_close_matches(words(name), list(by_words), n=3, cutoff=0.6)]
 
 
 def _field_problem(path: str) -> str | None:

@@ -21,6 +21,7 @@ class Frozen(BaseModel):
 
 
 DatasetName = Literal["synthetic", "cifar10", "cifar100", "stl10", "imagefolder"]
+DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "stl10": 10}  # synthetic: its config; imagefolder: its lists
 ArchName = Literal["wrn", "resnet18", "resnet34", "resnet50"]
 PresetName = Literal[
     "fixmatch",
@@ -88,6 +89,13 @@ class DataConfig(Frozen):
     )
     synthetic: SyntheticConfig = SyntheticConfig()
     imagefolder: ImageFolderConfig | None = None
+
+    @property
+    def num_classes(self) -> int | None:
+        """Classes of the data set, known before loading it (None for an image folder: its list files decide)."""
+        if self.dataset == "synthetic":
+            return self.synthetic.num_classes
+        return DATASET_CLASSES.get(self.dataset)
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:

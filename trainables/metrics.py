@@ -35,6 +35,28 @@ from typing import Any
 import numpy as np
 
 GROUPS = ("head", "medium", "tail")
+#: summary keys every evaluation reports per split (classification metrics, the running history, post-hoc LA)
+EVAL_SUMMARY = (
+    "top1", "balanced_acc", "recall_min", "never_predicted",
+    "top1_last", "top1_med20", "balanced_acc_last", "balanced_acc_med20",
+    "top1_la", "balanced_acc_la",
+)  # fmt: skip
+EVAL_PER_CLASS = ("recall", "precision")  # {p}/recall/cNN, {p}/precision/cNN
+
+
+def group_sizes(num_classes: int) -> dict[str, int]:
+    """Classes per group as `class_groups` cuts them (C=10 -> head 3, medium 4, tail 3)."""
+    base, rem = divmod(num_classes, 3)
+    return {"head": base + (rem == 2), "medium": base + (rem >= 1), "tail": base}
+
+
+def evaluation_keys(prefix: str, num_classes: int) -> frozenset[str]:
+    """Every key an evaluation reports for split `prefix` (val, test) with C classes whose labels all occur in the
+    split (the balanced val and test splits): what a sweep can optimise, as data the service checks names against."""
+    keys = {f"{prefix}/{k}" for k in EVAL_SUMMARY}
+    keys |= {f"{prefix}/recall_{g}" for g, n in group_sizes(num_classes).items() if n}
+    keys |= {f"{prefix}/{f}/{class_key(c, num_classes)}" for f in EVAL_PER_CLASS for c in range(num_classes)}
+    return frozenset(keys)
 
 
 def _np(x: Any) -> np.ndarray:
@@ -68,8 +90,8 @@ def class_groups(labeled_counts: Any) -> dict[str, np.ndarray]:
     """
     counts = _np(labeled_counts)
     order = np.argsort(-counts, kind="stable")  # stable: equal counts keep ascending class index
-    base, rem = divmod(len(counts), 3)
-    n_head, n_medium = base + (rem == 2), base + (rem >= 1)
+    sizes = group_sizes(len(counts))
+    n_head, n_medium = sizes["head"], sizes["medium"]
     return {
         "head": order[:n_head].astype(np.int64),
         "medium": order[n_head : n_head + n_medium].astype(np.int64),

@@ -209,6 +209,27 @@ CASES = [
         "experiment: 'my sweep/1'",
         ["experiment", "should match pattern", "(got 'my sweep/1')"],
     ),
+    (
+        "objective no trial reports",
+        "search: {metric: val/balanced_accuracy}",
+        ["search.metric: 'val/balanced_accuracy' is not a metric the trials report", "mean 'val/balanced_acc'"],
+    ),
+    (
+        "per-class objective beyond the data set's classes",
+        "search: {metric: val/recall/c10}",
+        ["search.metric", "'val/recall/c10'", "val/recall/c00..c09"],
+    ),
+    (
+        "per-class objective of a 200-class data set written with two digits",
+        "  data: {synthetic: {num_classes: 200}}\nsearch: {metric: val/recall/c07}",
+        ["search.metric", "'val/recall/c07'", "val/recall/c00..c199", "did you mean 'val/recall/c007'"],
+    ),
+    (
+        "ASHA ranking by a metric no trial reports",
+        "search:\n  metric: [val/balanced_acc, val/tail_recall]\n  mode: [max, max]\n"
+        "  scheduler: {type: asha, metric: val/tail_recall}",
+        ["search.metric: 'val/tail_recall'", "did you mean 'val/recall_tail'"],
+    ),
 ]
 
 

@@ -110,3 +110,16 @@ def test_resume_of_a_finished_run_returns_its_result(tmp_path):
     final = train(tiny_config("train.iterations=10"), tmp_path, progress=False, data=random_data())
     again = train(tiny_config("train.iterations=10"), tmp_path, resume=True, progress=False, data=random_data())
     assert again == final
+
+
+def test_reported_evaluation_keys_are_the_contract(tmp_path):
+    # the service checks objective names against metrics.evaluation_keys: it must be exactly what the loop reports
+    from trainables.metrics import evaluation_keys
+
+    data = random_data(num_classes=4)
+    for split in (data.val, data.test):
+        assert set(split.labels.tolist()) == set(range(4))  # every class occurs, as in the balanced splits
+    seen = []
+    train(tiny_config(), tmp_path, report=lambda m, c: seen.append(m), progress=False, data=data)
+    for prefix in ("val", "test"):
+        assert {k for k in seen[-1] if k.startswith(prefix + "/")} == evaluation_keys(prefix, 4)
