@@ -13,6 +13,7 @@ import pytest
 from service.plan import load_plan
 from service.sweep import RECORD_FILE, preflight, write_record
 from service.tracking import SweepRecord
+from tests.trainables.test_config import BOMB
 from trainables.config import ConfigError
 
 from .conftest import REPO, SMALL
@@ -200,3 +201,18 @@ def test_dry_run_shows_stores_without_their_passwords(tmp_path):
     assert "Ray results: s3://team-bucket/sweeps/small-" in out.stdout
     assert "(endpoint http://127.0.0.1:9000)" in out.stdout
     assert list(tmp_path.iterdir()) == [tmp_path / "space.yaml"]
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (b"\x00\x01\xff binary", "not UTF-8 text"),
+        (SMALL.encode() + b"search: {num_trials: 3}\n", "duplicate key 'search'"),
+        (BOMB.encode(), "through its aliases"),  # 10^9 nodes once expanded: refused at once, no hang
+    ],
+)
+def test_unreadable_space_files_exit_2(tmp_path, content, fragment):
+    (tmp_path / "space.yaml").write_bytes(content)
+    out = cli("--space", "space.yaml", "--dry-run", cwd=tmp_path, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert fragment in out.stderr and "Traceback" not in out.stderr

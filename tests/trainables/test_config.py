@@ -2,7 +2,7 @@
 
 import pytest
 
-from trainables.config import PRESETS, ConfigError, RunConfig, load_config, parse_overrides
+from trainables.config import PRESETS, ConfigError, RunConfig, load_config, parse_overrides, read_yaml
 
 
 def test_defaults_follow_the_papers():
@@ -74,3 +74,45 @@ def test_error_names_the_file(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(f)
     assert str(f) in str(err.value) and "train.iterations" in str(err.value)
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [{', '.join([f'*{p}'] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+)  # 10^9 leaves once expanded (the service's CLI test reuses it)
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (b"train: {iterations: 10}\ntrain: {iterations: 20}\n", "duplicate key 'train' (first on line 1)"),
+        (b"train: {iterations: 10, iterations: 20}\n", "duplicate key 'iterations'"),
+        (b"name: caf\xe9\n", "not UTF-8 text (byte 0xe9 at offset 9)"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00", "not UTF-8 text (byte 0x89 at offset 0)"),
+        (BOMB.encode(), "expands to more than 100,000 YAML nodes through its aliases"),
+        (b"a: &a\n  b: *a\n", "an alias refers to a node that contains it"),
+        (b"train: {iterations: 10\n", "not valid YAML"),
+        (b"x: " + b"0" * (1 << 20) + b"\n", "a configuration file is at most 1,048,576 bytes"),
+        (b"- 1\n- 2\n", "the top level must be a mapping"),
+    ],
+)
+def test_configuration_files_are_read_strictly(tmp_path, content, fragment):
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        read_yaml(path)
+    assert str(info.value).startswith(str(path)) and fragment in str(info.value)
+
+
+def test_merge_keys_may_be_overridden_and_anchors_reused(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("common: &c {iterations: 10, eval_every: 5}\ntrain:\n  <<: *c\n  iterations: 20\nother: *c\n")
+    assert read_yaml(path) == {
+        "common": {"iterations": 10, "eval_every": 5},
+        "train": {"iterations": 20, "eval_every": 5},
+        "other": {"iterations": 10, "eval_every": 5},
+    }
+
+
+def test_a_set_value_that_is_not_yaml_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"--set 'train.iterations=\[1,': not valid YAML"):
+        parse_overrides(["train.iterations=[1,"])
