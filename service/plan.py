@@ -290,7 +290,7 @@ def _check_param(plan: Plan, name: str) -> list[str]:
         ]
     problems = []
     for preset in applicable:
-        for value in param.extremes():
+        for value in param.checked_values():
             try:
                 RunConfig.model_validate(trial_run_dict(plan.base, dict.fromkeys(targets, value), preset))
             except ValidationError as err:

@@ -21,6 +21,8 @@ from trainables.config import PresetName, RunConfig
 Mode = Literal["max", "min"]
 SamplerName = Literal["tpe", "gp", "nsga2", "random", "grid"]
 Scalar = str | int | float | bool | None
+INNER = 0.3819660112501051  # where inside an interval the inner checked value lies (1 - 1/golden ratio)
+CHECKED_INT_VALUES = 1000
 RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
 
 #: metric names follow trainables/metrics.py: `val/balanced_acc`, `val/recall_tail`, `val/recall/c03`, ...
@@ -42,8 +44,10 @@ class Param(Protocol):
     def suggest(self, trial: Any, name: str) -> Any:
         """Draw the value with an Optuna trial (define-by-run); returns the configuration value."""
 
-    def extremes(self) -> list[Any]:
-        """Configuration values that bound the parameter: each must give a valid trial configuration."""
+    def checked_values(self) -> list[Any]:
+        """Configuration values checked before a sweep starts, each of which must give a valid trial: the ends of a
+        range, an inner value of an interval (so a float interval on an integer field is caught), every value of an
+        integer range (up to CHECKED_INT_VALUES of them, evenly spread) or of a categorical."""
 
     def grid_values(self) -> list[Any] | None:
         """All values when the parameter is discrete, for the grid sampler; None when it is continuous."""
@@ -87,8 +91,13 @@ class _Interval(_Param):
             raise ValueError(f"low={self.low} must be below high={self.high}")
         return self
 
-    def extremes(self) -> list[Any]:
-        return [self.low, self.high]
+    def checked_values(self) -> list[Any]:
+        step = getattr(self, "step", None)
+        if step:  # a value on the step grid
+            inner = self.low + step * math.floor((self.high - self.low) / step * INNER)
+        else:  # a value with a fractional part
+            inner = self.low + (self.high - self.low) * INNER
+        return [self.low, inner, self.high]
 
     def grid_values(self) -> None:
         return None  # continuous
@@ -140,8 +149,10 @@ class IntRange(_Param):
     def suggest(self, trial: Any, name: str) -> int:
         return trial.suggest_int(name, self.low, self.high, step=self.step, log=self.log)
 
-    def extremes(self) -> list[Any]:
-        return [self.low, self.high]
+    def checked_values(self) -> list[Any]:
+        values = self.grid_values()
+        stride = max(1, math.ceil(len(values) / CHECKED_INT_VALUES))
+        return sorted({*values[::stride], values[-1]})
 
     def grid_values(self) -> list[Any]:
         return list(range(self.low, self.high + 1, self.step))
@@ -161,7 +172,7 @@ class Categorical(_Param):
     def suggest(self, trial: Any, name: str) -> Scalar:
         return trial.suggest_categorical(name, self.values)
 
-    def extremes(self) -> list[Any]:
+    def checked_values(self) -> list[Any]:
         return list(self.values)
 
     def grid_values(self) -> list[Any]:
@@ -177,7 +188,7 @@ class Fixed(_Param):
     def suggest(self, trial: Any, name: str) -> Any:
         return self.value
 
-    def extremes(self) -> list[Any]:
+    def checked_values(self) -> list[Any]:
         return [self.value]
 
     def grid_values(self) -> list[Any]:
@@ -209,7 +220,7 @@ Scheduler = Annotated[NoScheduler | Asha, Field(discriminator="type")]
 class SearchConfig(Frozen):
     sampler: SamplerName = "tpe"
     num_trials: int | None = Field(None, ge=1, description="null: 20, or the grid size for the grid sampler")
-    seed: int = Field(0, description="sampler seed: the same file proposes the same trials")
+    seed: int = Field(0, ge=0, description="sampler seed (>= 0): the same file proposes the same trials")
     metric: str | list[str] = Field("val/balanced_acc", description="one objective, or several (Pareto front)")
     mode: Mode | list[Mode] = "max"
     scheduler: Scheduler = NoScheduler(type="none")
@@ -337,7 +348,26 @@ class Tracking(Frozen):
                 "MLflow 3 no longer develops the file store (./mlruns); use a database such as "
                 "sqlite:///mlflow.db, or a tracking server http(s)://host:port"
             )
+        if uri != "databricks" and not TRACKING_URI.match(uri):
+            raise ValueError(
+                f"{redact(uri)!r} is not a tracking URI; use http(s)://host:port (a tracking server), "
+                "sqlite:///mlflow.db or postgresql://user@host:5432/db (a database), or databricks"
+            )
+        _no_memory_db(uri)
         return uri
+
+
+TRACKING_URI = re.compile(
+    r"^(https?://[^/\s]+|(sqlite|postgresql|mysql|mariadb|mssql)(\+\w+)?://|databricks(-uc)?://)", re.IGNORECASE
+)
+
+
+def _no_memory_db(url: str) -> None:
+    if url.startswith("sqlite") and (":memory:" in url or url.rstrip("/").endswith(":///") or url.endswith("://")):
+        raise ValueError(
+            f"{url!r} is a database in memory: each process (the driver, a resumed driver) would see its own empty "
+            "one; use a file such as sqlite:///store.db or a server"
+        )
 
 
 class Storage(Frozen):
@@ -388,6 +418,7 @@ class Storage(Frozen):
                 f"{redact(url)!r} is not a database URL; use sqlite:///optuna.db or postgresql://host:5432/db "
                 "(any SQLAlchemy URL of a database Optuna supports)"
             )
+        _no_memory_db(url)
         return url
 
     @model_validator(mode="after")

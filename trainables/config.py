@@ -22,6 +22,8 @@ class Frozen(BaseModel):
 
 DatasetName = Literal["synthetic", "cifar10", "cifar100", "stl10", "imagefolder"]
 DATASET_CLASSES = {"cifar10": 10, "cifar100": 100, "stl10": 10}  # synthetic: its config; imagefolder: its lists
+TRAIN_PER_CLASS = {"cifar10": 5000, "cifar100": 500, "stl10": 500}  # labeled train images per class in the files
+DEFAULT_VAL_SIZE = {"cifar10": 5000, "cifar100": 5000, "stl10": 500}  # the reference's validation carve-outs
 ArchName = Literal["wrn", "resnet18", "resnet34", "resnet50"]
 PresetName = Literal[
     "fixmatch",
@@ -81,7 +83,7 @@ class DataConfig(Frozen):
         None, description="unlabeled imbalance ratio: a number >= 1 (1 = uniform), 'reversed', or null = gamma_l"
     )
     val_size: int | None = Field(
-        None, ge=0, description="class-balanced validation carve-out; null = dataset default (CIFAR 5000, STL-10 500)"
+        None, ge=1, description="class-balanced validation carve-out; null = dataset default (CIFAR 5000, STL-10 500)"
     )
     seed: int = Field(0, ge=0, description="data seed: the split is a pure function of it")
     resident: Literal["auto", "device", "host"] = Field(
@@ -108,7 +110,35 @@ class DataConfig(Frozen):
             raise ValueError("dataset 'imagefolder' needs an 'imagefolder' section (root, list files)")
         if self.dataset != "imagefolder" and self.imagefolder is not None:
             raise ValueError(f"the 'imagefolder' section belongs to dataset 'imagefolder', not {self.dataset!r}")
+        self._check_pool()
         return self
+
+    def _check_pool(self) -> None:
+        """The split must fit the per-class pool of train images: val + n1 (+ m1 where the unlabeled images come
+        from the same pool), known before any file is read."""
+        classes = self.num_classes
+        if classes is None:
+            return  # an image folder's lists decide
+        if self.val_size is not None and self.val_size % classes:
+            raise ValueError(
+                f"val_size={self.val_size} is not a multiple of the {classes} classes; the carve-out is "
+                f"class-balanced, e.g. val_size={(self.val_size // classes) * classes or classes}"
+            )
+        if self.dataset == "synthetic":
+            pool, what = self.synthetic.pool_per_class, "synthetic.pool_per_class"
+            val = pool // 10 if self.val_size is None else self.val_size // classes
+        else:
+            pool, what = TRAIN_PER_CLASS[self.dataset], f"{self.dataset}'s train images per class"
+            val = (self.val_size or DEFAULT_VAL_SIZE[self.dataset]) // classes
+        m1 = 0 if self.dataset == "stl10" else self.m1  # STL-10's unlabeled images are a split of their own
+        if val + self.n1 + m1 > pool:
+            raise ValueError(
+                f"val ({val} per class) + n1 ({self.n1})"
+                + (f" + m1 ({m1})" if m1 else "")
+                + f" = {val + self.n1 + m1} images per class, more than {what} ({pool}); lower n1"
+                + (", m1" if m1 else "")
+                + " or val_size"
+            )
 
     @property
     def gamma_u_resolved(self) -> float | Literal["reversed"]:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from service.plan import load_plan
-from trainables.config import ConfigError
+from trainables.config import ConfigError, deep_merge
 
 BASE = """
 experiment: bad
@@ -221,7 +222,7 @@ CASES = [
     ),
     (
         "per-class objective of a 200-class data set written with two digits",
-        "  data: {synthetic: {num_classes: 200}}\nsearch: {metric: val/recall/c07}",
+        "base:\n  data: {synthetic: {num_classes: 200}}\nsearch: {metric: val/recall/c07}",
         ["search.metric", "'val/recall/c07'", "val/recall/c00..c199", "did you mean 'val/recall/c007'"],
     ),
     (
@@ -230,12 +231,53 @@ CASES = [
         "  scheduler: {type: asha, metric: val/tail_recall}",
         ["search.metric: 'val/tail_recall'", "did you mean 'val/recall_tail'"],
     ),
+    (
+        "float interval on an integer field",
+        "space:\n  train.iterations: {type: uniform, low: 100, high: 200}",
+        ["space.train.iterations", "value 138.19", "train.iterations", "fractional part"],
+    ),
+    (
+        "integer range whose inner values are invalid",
+        "base:\n  model: {depth: 10}\nspace:\n  model.depth: {type: int, low: 10, high: 28}",
+        ["space.model.depth", "value 11", "(depth - 4) % 6 == 0"],
+    ),
+    (
+        "negative sampler seed",
+        "search: {seed: -1}",
+        ["search.seed", "greater than or equal to 0", "(got -1)"],
+    ),
+    (
+        "empty validation split",
+        "base:\n  data: {val_size: 0}",
+        ["data.val_size", "greater than or equal to 1"],
+    ),
+    (
+        "labeled count range beyond the data set's pool",
+        "base:\n  data: {dataset: cifar10}\nspace:\n  data.n1: {type: int, low: 500, high: 2500, step: 500}",
+        ["space.data.n1", "value 2000", "val (500 per class) + n1 (2000) + m1 (3000) = 5500", "cifar10's train"],
+    ),
+    (
+        "tracking store in memory",
+        "tracking: {uri: 'sqlite:///:memory:'}",
+        ["tracking.uri", "a database in memory"],
+    ),
+    (
+        "Optuna study in memory",
+        "storage: {optuna: 'sqlite://'}",
+        ["storage.optuna", "a database in memory"],
+    ),
+    (
+        "malformed tracking URI",
+        "tracking: {uri: 'htp://127.0.0.1:5000'}",
+        ["tracking.uri", "'htp://127.0.0.1:5000' is not a tracking URI", "http(s)://host:port"],
+    ),
 ]
 
 
 @pytest.mark.parametrize(("body", "fragments"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_invalid_space_fails_with_a_precise_message(body, fragments, write_space, tmp_path):
-    path = write_space(BASE + body, name="bad_space.yaml")
+    # the body overrides BASE's sections (a repeated key in one file is itself refused)
+    path = write_space(yaml.safe_dump(deep_merge(yaml.safe_load(BASE), yaml.safe_load(body) or {})), "bad_space.yaml")
     with pytest.raises(ConfigError) as info:
         load_plan(path, launch_dir=tmp_path)
     message = str(info.value)

@@ -22,7 +22,7 @@ import numpy as np
 from filelock import FileLock
 from torchvision import datasets
 
-from trainables.config import DataConfig
+from trainables.config import DEFAULT_VAL_SIZE, DataConfig
 from trainables.data.base import ImageSet, SSLData
 from trainables.data.splits import balanced_per_class, split_pool
 
@@ -31,7 +31,7 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
-CIFAR_VAL_SIZE = 5000  # the reference's validation carve-out: 500 per class (CIFAR-10), 50 (CIFAR-100)
+CIFAR_VAL_SIZE = DEFAULT_VAL_SIZE["cifar10"]  # the reference's carve-out: 500 per class (CIFAR-10), 50 (CIFAR-100)
 
 # An offline node that drops packets would otherwise hold urllib (no timeout) for minutes per attempt.
 PROBE_TIMEOUT_S = 5.0

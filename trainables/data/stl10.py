@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from torchvision import datasets
 
-from trainables.config import DataConfig
+from trainables.config import DEFAULT_VAL_SIZE, DataConfig
 from trainables.data.base import ImageSet, SSLData
 from trainables.data.cifar import DatasetNotFoundError, open_torchvision_dataset
 from trainables.data.splits import balanced_per_class, split_pool
@@ -24,7 +24,7 @@ from trainables.data.splits import balanced_per_class, split_pool
 # Per-channel statistics of STL-10 on [0, 1] (112.4, 109.1, 98.6) / 255 and (68.4, 66.6, 68.5) / 255.
 STL10_MEAN = (0.4408, 0.4278, 0.3867)
 STL10_STD = (0.2682, 0.2612, 0.2686)
-STL10_VAL_SIZE = 500  # 50 per class, leaving 450 per class: N1 in {150, 450} fits
+STL10_VAL_SIZE = DEFAULT_VAL_SIZE["stl10"]  # 50 per class, leaving 450 per class: N1 in {150, 450} fits
 STL10_MODEL_SIZE = 32
 IMAGE_BYTES = 3 * 96 * 96
 

@@ -265,14 +265,8 @@ def build_synthetic(cfg: DataConfig) -> SSLData:
     """
     spec = cfg.synthetic
     num_classes, pool = spec.num_classes, spec.pool_per_class
+    # DataConfig has checked that val + n1 + m1 fits the pool
     val_per_class = pool // 10 if cfg.val_size is None else balanced_per_class(cfg.val_size, num_classes)
-    need = val_per_class + cfg.n1 + cfg.m1
-    if need > pool:
-        # checked before rendering so that a bad config fails at once
-        raise ValueError(
-            f"synthetic.pool_per_class={pool} is below val ({val_per_class}) + n1 ({cfg.n1}) + m1 ({cfg.m1})"
-            f" = {need} images per class; raise data.synthetic.pool_per_class or lower data.n1 / data.m1"
-        )
     labels = np.repeat(np.arange(num_classes), pool)
     images = render(labels, num_classes, spec.image_size, (cfg.seed, 0))
     test_labels = np.repeat(np.arange(num_classes), spec.test_per_class)

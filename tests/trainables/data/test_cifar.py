@@ -111,7 +111,7 @@ def test_unreachable_host_fails_before_downloading(tmp_path, monkeypatch):
     monkeypatch.setattr(socket, "create_connection", unreachable)
     monkeypatch.setattr(torchvision.datasets.utils, "download_url", must_not_download)
     with pytest.raises(DatasetNotFoundError, match=r"cannot reach www.cs.toronto.edu:443 .*Network is unreachable"):
-        build_cifar100(_config(tmp_path, "cifar100", download=True))
+        build_cifar100(_config(tmp_path, "cifar100", download=True, val_size=100))
     assert timeouts == [cifar.PROBE_TIMEOUT_S] and cifar.PROBE_TIMEOUT_S <= 10
 
 

@@ -113,9 +113,11 @@ def test_build_is_deterministic_and_seed_dependent():
     assert not np.array_equal(a.test.images, c.test.images)
 
 
-def test_pool_too_small_fails_before_rendering():
-    with pytest.raises(ValueError, match=r"synthetic.pool_per_class=60 is below val \(6\) \+ n1 \(40\) \+ m1 \(30\)"):
-        build_synthetic(_config(n1=40))
+def test_pool_too_small_fails_in_the_config():
+    # the configuration refuses it: before any data set is rendered or read, and for a sweep before Ray starts
+    match = r"val \(6 per class\) \+ n1 \(40\) \+ m1 \(30\) = 76 images per class, more than synthetic.pool_per_class"
+    with pytest.raises(ValueError, match=match):
+        _config(n1=40)
 
 
 def test_explicit_val_size():
