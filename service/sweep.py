@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import ray
 from mlflow import MlflowClient
@@ -97,6 +99,62 @@ def preflight(plan: Plan, resume: bool) -> dict[str, Any] | None:
             + "\n".join(f"  {path}: {old!r} when the sweep started, {new!r} now" for path, old, new in diffs)
         )
     return stored
+
+
+PROBE_TIMEOUT_S = 5.0
+
+
+def check_reachable(plan: Plan, address: str | None) -> None:
+    """The tracking store, the Optuna database and the Ray cluster answer, before anything starts; ConfigError
+    naming the field and what failed otherwise (credentials never appear: the URLs are shown redacted)."""
+    problems = []
+    for field, url in (("tracking.uri", plan.tracking_uri), ("storage.optuna", plan.optuna_storage)):
+        problem = url and _store_problem(url)
+        if problem:
+            problems.append(f"{field} {secrets.redact(url)}: {secrets.redact_text(problem)}")
+    if address not in (None, "auto"):
+        host, port = address.rsplit(":", 1)
+        problem = _tcp_problem(host, int(port))
+        if problem:
+            problems.append(f"--address {address}: no Ray cluster answers there ({problem})")
+    if problems:
+        raise ConfigError(
+            f"{plan.source}: cannot reach what the sweep needs:\n" + "\n".join(f"  {p}" for p in problems)
+        )
+
+
+def _tcp_problem(host: str, port: int) -> str | None:
+    try:
+        socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as err:
+        return str(err) or type(err).__name__
+    return None
+
+
+def _store_problem(url: str) -> str | None:
+    """Why an MLflow tracking URI or a database URL cannot be used from here (None when it can)."""
+    parts = urlsplit(url)
+    if parts.scheme in ("http", "https"):
+        return _tcp_problem(parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80))
+    if parts.scheme.startswith("sqlite"):
+        folder = Path(url.split(":///", 1)[1]).parent if ":///" in url else None
+        if folder is not None and not folder.is_dir():
+            return f"the folder {folder} does not exist"
+        return None
+    if parts.scheme.startswith(("postgresql", "mysql", "mariadb", "mssql", "oracle")):
+        import sqlalchemy
+
+        connect_args = (
+            {"connect_timeout": int(PROBE_TIMEOUT_S)} if parts.scheme.startswith(("postgresql", "mysql")) else {}
+        )
+        try:
+            engine = sqlalchemy.create_engine(url, connect_args=connect_args)
+            with engine.connect():
+                pass
+            engine.dispose()
+        except Exception as err:  # driver missing, refused, unknown database, bad credentials
+            return str(err).splitlines()[0]
+    return None
 
 
 def start_parent(plan: Plan) -> SweepRecord:

@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         from service import sweep  # Ray, MLflow and torch load only for a real run
 
         stored = sweep.preflight(plan, resume=args.resume)
+        sweep.check_reachable(plan, args.address)
     except ConfigError as err:
         print(f"error: {redact_text(str(err))}", file=sys.stderr)
         return 2

@@ -216,3 +216,21 @@ def test_unreadable_space_files_exit_2(tmp_path, content, fragment):
     out = cli("--space", "space.yaml", "--dry-run", cwd=tmp_path, timeout=60)
     assert out.returncode == 2, out.stderr
     assert fragment in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--tracking-uri", "http://127.0.0.1:9"], "tracking.uri http://127.0.0.1:9: "),
+        (["--tracking-uri", "sqlite:////no/such/folder/mlflow.db"], "the folder /no/such/folder does not exist"),
+        (["--set", "storage.optuna=postgresql+psycopg://postgres:pw-x@127.0.0.1:9/optuna"], "storage.optuna"),
+        (["--address", "127.0.0.1:9"], "--address 127.0.0.1:9: no Ray cluster answers there"),
+    ],
+)
+def test_unreachable_stores_and_clusters_exit_2_before_anything_starts(tmp_path, flags, fragment):
+    (tmp_path / "space.yaml").write_text(SMALL)
+    out = cli("--space", "space.yaml", *flags, cwd=tmp_path, timeout=60)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "cannot reach what the sweep needs" in out.stderr and fragment in out.stderr
+    assert "pw-x" not in out.stderr and "Traceback" not in out.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["space.yaml"]
