@@ -79,15 +79,13 @@ def main(argv: list[str] | None = None) -> int:
             print(render_plan(plan, samples=min(DRY_RUN_SAMPLES, plan.num_trials)))
             return 0
         from service import sweep  # Ray, MLflow and torch load only for a real run
+        from service.lock import SweepLock
 
-        stored = sweep.preflight(plan, resume=args.resume)
         sweep.check_reachable(plan, args.address)
-    except ConfigError as err:
-        print(f"error: {redact_text(str(err))}", file=sys.stderr)
-        return 2
-    try:
-        outcome = sweep.run(plan, stored, args.address)
-    except ConfigError as err:  # found once MLflow is open, e.g. the experiment was deleted in the UI
+        with SweepLock(plan):  # one driver per sweep, from the first check to the last record
+            stored = sweep.preflight(plan, resume=args.resume)
+            outcome = sweep.run(plan, stored, args.address)
+    except ConfigError as err:  # bad input, or found once MLflow is open (e.g. the experiment was deleted in the UI)
         print(f"error: {redact_text(str(err))}", file=sys.stderr)
         return 2
     print(render_outcome(plan, outcome, argv if argv is not None else sys.argv[1:]))

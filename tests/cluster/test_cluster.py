@@ -250,3 +250,22 @@ def test_a_missing_bucket_or_an_unreachable_store_exits_2_before_anything_starts
         assert fragment in out.stderr and "storage.path" in out.stderr
         assert sorted(p.name for p in tmp_path.iterdir()) == ["space.yaml"]
     assert s3_objects(s3_server) == {}
+
+
+def test_one_driver_per_sweep_in_team_mode_through_a_postgres_lock(tmp_path, databases):
+    from service.lock import SweepLock
+    from service.plan import load_plan
+    from trainables.config import ConfigError
+
+    url = databases().replace("postgres@", f"postgres:{PASSWORD}@")
+    extra = f"storage: {{path: 's3://any-bucket/sweeps', optuna: '{url}'}}\n"
+    (tmp_path / "space.yaml").write_text(space("locked", extra=extra))
+    plan = load_plan(tmp_path / "space.yaml", launch_dir=tmp_path)
+    with SweepLock(plan):
+        with pytest.raises(
+            ConfigError, match="another driver is running sweep locked-.*PostgreSQL advisory lock"
+        ) as info:
+            SweepLock(plan).__enter__()
+        assert PASSWORD not in str(info.value)
+    with SweepLock(plan):  # released with its connection
+        pass

@@ -266,3 +266,29 @@ def test_interrupt_and_resume(tmp_path):
         reported = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
         assert [r["step"] for r in reported] == [20, 40, 60]
         assert reported[-1]["iterations_since_restore"] < reported[-1]["training_iteration"]
+
+
+def test_a_second_driver_on_a_running_sweep_is_refused(tmp_path):
+    (tmp_path / "space.yaml").write_text(RESUMABLE)
+    first = start_sweep(tmp_path)
+    try:
+        deadline = time.monotonic() + 300
+        while not child_tags(tmp_path / "mlflow.db"):  # the first driver is past its start-up: a trial runs
+            if first.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("the first driver never started a trial:\n" + first.communicate()[0][-3000:])
+            time.sleep(0.3)
+        (lock,) = (tmp_path / "ray_results").glob(".resumable-*.lock")
+        holder = json.loads(lock.read_text())
+        assert holder["pid"] == first.pid
+        for extra in ([], ["--resume"]):
+            second = cli(tmp_path, "--space", "space.yaml", *extra, timeout=120)
+            assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+            assert "another driver is running sweep resumable-" in second.stderr
+            assert f"'pid': {first.pid}" in second.stderr or f'"pid": {first.pid}' in second.stderr
+    finally:
+        first.send_signal(signal.SIGINT)
+        output, _ = first.communicate(timeout=180)
+    assert first.returncode in (0, 130), output[-3000:]
+    # the lock went with the first driver: a resume may take it now
+    again = cli(tmp_path, "--space", "space.yaml", "--resume", timeout=400)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]

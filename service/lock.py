@@ -1,0 +1,101 @@
+"""One driver per sweep: a second driver (a second `--resume`, or the same command twice) is refused while one runs.
+
+The lock lives where the sweep's state does, so every machine that could drive the sweep sees it:
+- a local or mounted `storage.path`: an exclusive `flock` on `<storage>/.<sweep>.lock` (NFSv4 maps it to a lock
+  on the server), which the kernel releases when the driver dies, even by kill -9;
+- an object store with the Optuna study in PostgreSQL: a session-level advisory lock keyed by the sweep's name,
+  released when the driver's connection closes (on exit or death).
+An object store with the study elsewhere has no lock to take; the driver says so and runs unguarded.
+The lock file records the holder (host, pid, start time), so the refusal says who holds it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from service import secrets
+from service.plan import Plan
+from trainables.config import ConfigError
+
+
+class SweepLock:
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self._file: Any = None
+        self._path: Path | None = None
+        self._created: list[Path] = []  # folders the lock had to create
+        self._connection: Any = None
+
+    def __enter__(self) -> SweepLock:
+        storage = self.plan.storage
+        if not storage.remote:
+            self._lock_file(Path(storage.uri) / f".{self.plan.sweep_name}.lock")
+        elif self.plan.optuna_storage and self.plan.optuna_storage.startswith("postgresql"):
+            self._lock_postgres(self.plan.optuna_storage)
+        else:
+            print(
+                f"[sweep] note: {storage} is an object store and the Optuna study is not in PostgreSQL, so nothing "
+                "stops a second driver on this sweep; run one at a time",
+                flush=True,
+            )
+        return self
+
+    def __exit__(self, kind: type | None, error: BaseException | None, trace: TracebackType | None) -> None:
+        if self._file is not None:
+            if self._path is not None and not Path(self.plan.sweep_location.uri).exists():
+                # refused before the sweep started: leave nothing behind (the lock is still ours while we clean)
+                self._path.unlink(missing_ok=True)
+                for folder in self._created:
+                    folder.rmdir()
+            self._file.close()  # closing the descriptor releases the flock
+        if self._connection is not None:
+            self._connection.close()  # ends the session, which releases the advisory lock
+
+    def _holder(self) -> dict[str, Any]:
+        return {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    def _lock_file(self, path: Path) -> None:
+        if any(p.is_file() for p in (path.parent, *path.parent.parents)):
+            return  # preflight reports a storage path that is a file
+        self._created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")  # noqa: SIM115 - held open for the whole run
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise ConfigError(
+                f"{self.plan.source}: another driver is running sweep {self.plan.sweep_name} (lock {path}, held by "
+                f"{holder}); wait for it to end or stop it (Ctrl-C), then --resume"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps(self._holder()))
+        handle.flush()
+        self._file, self._path = handle, path
+
+    def _lock_postgres(self, url: str) -> None:
+        import sqlalchemy
+
+        key = int.from_bytes(hashlib.sha256(self.plan.sweep_name.encode()).digest()[:8], "big", signed=True)
+        engine = sqlalchemy.create_engine(secrets.reveal(url), poolclass=sqlalchemy.pool.NullPool)
+        connection = engine.connect()
+        got = connection.execute(sqlalchemy.text("SELECT pg_try_advisory_lock(:key)"), {"key": key}).scalar()
+        connection.commit()
+        if not got:
+            connection.close()
+            raise ConfigError(
+                f"{self.plan.source}: another driver is running sweep {self.plan.sweep_name} (PostgreSQL advisory "
+                f"lock {key} in {secrets.redact(url)}); wait for it to end or stop it (Ctrl-C), then --resume"
+            )
+        self._connection = connection
