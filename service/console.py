@@ -6,6 +6,8 @@ from typing import Any
 
 from ray import tune
 
+from trainables.ray_trainable import DIVERGED
+
 SHOWN = ("val/balanced_acc", "val/top1", "val/recall_tail", "val/recall_min")
 
 
@@ -15,6 +17,9 @@ class TrialEvents(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = trial.last_result
+        if DIVERGED in result:
+            print(f"[sweep] failed     {trial}: {result[DIVERGED]} (not retried)", flush=True)
+            return
         step, iterations = int(result.get("step", 0)), trial.config["train"]["iterations"]
         verb = "finished" if step >= iterations else f"stopped at {step}/{iterations}"
         shown = ", ".join(f"{k}={result[k]:.4f}" for k in SHOWN if k in result)

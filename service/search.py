@@ -23,6 +23,7 @@ from ray.tune.search.optuna import OptunaSearch
 from service import secrets
 from service.plan import Plan
 from service.sampling import OPTUNA_NUMBER, SAMPLERS, TrialSampler
+from trainables.ray_trainable import DIVERGED
 
 EVALUATION = "evaluation"  # result key: 1-based evaluation index, ASHA's time unit (added by the trainable)
 STEP = "step"  # result key: training iteration of the evaluation (from the loop)
@@ -66,6 +67,8 @@ class SweepSearch(OptunaSearch):
         return config
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        if DIVERGED in result:
+            return  # no metric: on_trial_complete tells Optuna the trial failed
         step = int(result[STEP])
         if step <= self._reported.get(trial_id, -1):
             return  # a retry re-ran this evaluation after its checkpoint: Optuna keeps the first value
@@ -79,6 +82,9 @@ class SweepSearch(OptunaSearch):
             trial.set_user_attr("intermediate_values", history)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        if result is not None and DIVERGED in result:
+            super().on_trial_complete(trial_id, result=None, error=True)  # Optuna: FAIL
+            return
         if not error and result is not None and STEP in result and trial_id not in self._completed_trials:
             # the result on which a scheduler stops a trial (ASHA's rung, or max_t at the last evaluation) never
             # reaches on_trial_result

@@ -27,7 +27,7 @@ from ray import tune
 from service import leaderboard, secrets
 from service.leaderboard import Row
 from service.sampling import SERVICE_KEY
-from trainables.ray_trainable import ARTIFACTS
+from trainables.ray_trainable import ARTIFACTS, DIVERGED
 
 PARENT = "mlflow.parentRunId"
 COMMIT = "mlflow.source.git.commit"
@@ -151,6 +151,9 @@ class MlflowTrialLogger(tune.Callback):
     @_timed
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         run_id = self._run_of(trial)
+        if DIVERGED in result:  # no metrics: on_trial_complete records the failure
+            self._record_where(trial, run_id, result)
+            return
         step = int(result["step"])
         if step <= self._last_step[trial.trial_id]:
             return  # a retry re-ran an evaluation after its checkpoint: the first record stands
@@ -195,6 +198,12 @@ class MlflowTrialLogger(tune.Callback):
     @_timed
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self._run_of(trial)
+        reason = (trial.last_result or {}).get(DIVERGED)
+        if reason:  # ended on purpose, not retried: it would diverge again
+            self.client.log_text(run_id, reason, "error.txt")
+            self.client.set_tag(run_id, "mlflow.note.content", reason)
+            self._end(trial, "FAILED", "failed")
+            return
         finished = self._last_step[trial.trial_id] >= trial.config["train"]["iterations"]
         if finished and trial.checkpoint is not None:
             with trial.checkpoint.as_directory() as ckpt:

@@ -361,6 +361,7 @@ def train(
         metrics = {"step": run.step, **window.summarise(data.unlabeled_truth, data.num_classes, run.groups)}
         metrics["train/lr"] = lr_at(run.step - 1, t.iterations, cfg.optim)
         metrics["train/it_per_s"] = window.steps / max(elapsed, 1e-9)
+        check_finite(run, metrics)  # before anything is written: no poisoned checkpoint, no NaN curves
         eval_metrics, logits = run.evaluate()
         metrics.update(eval_metrics)
         metrics.update(run.method.metrics())
@@ -380,6 +381,24 @@ def train(
         return json.loads(lines[-1]) if lines else {}
     _write_artifacts(run, out_dir, metrics, logits)
     return metrics
+
+
+class NonFiniteError(RuntimeError):
+    """Training diverged (a non-finite loss or weight): retrying from the last checkpoint would diverge again."""
+
+    def __init__(self, step: int, reason: str):
+        super().__init__(f"training diverged at step {step}: {reason}")
+        self.step = step
+
+
+def check_finite(run: Run, metrics: dict[str, float]) -> None:
+    """Raise NonFiniteError when the evaluation window's losses or the model's weights are not finite."""
+    bad = [k for k, v in metrics.items() if k.startswith("train/loss") and not math.isfinite(v)]
+    if bad:
+        raise NonFiniteError(run.step, ", ".join(f"{k} = {metrics[k]}" for k in bad))
+    params = [p for p in run.model.parameters() if p.is_floating_point()]
+    if params and not bool(torch.stack([p.detach().isfinite().all() for p in params]).all()):
+        raise NonFiniteError(run.step, "the model's weights hold non-finite values")
 
 
 def _headline(m: dict[str, float]) -> str:

@@ -25,13 +25,14 @@ from trainables.config import RunConfig, validate
 SERVICE_KEY = "service"  # the Tune config's metadata entry (written by service/sampling.py); the rest is the RunConfig
 ARTIFACTS = "artifacts"  # the loop's final tables, under out_dir and inside the last Tune checkpoint
 RUN_RECORDS = ("metrics.jsonl", "counts.json", "config.json")  # the loop's files that go with the last checkpoint
+DIVERGED = "diverged"  # result key of a trial whose training diverged: the reason; no metrics come with it
 WHERE_KEYS = ("ray_node_id", "gpu_model", "code_path")  # string result entries; Tune adds hostname and node_ip
 
 
 def run_trial(config: dict[str, Any]) -> None:
     """The function trainable given to `tune.Tuner`."""
     # imported in the worker: the driver, which imports this module for its constants, never needs torch
-    from trainables.loop import CHECKPOINT_DIR, train
+    from trainables.loop import CHECKPOINT_DIR, NonFiniteError, train
 
     # Ray logs a line per persisted checkpoint, i.e. per evaluation of every trial; the sweep's own log says enough
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
@@ -44,7 +45,13 @@ def run_trial(config: dict[str, Any]) -> None:
         with restored.as_directory() as src:
             restore_checkpoint(Path(src), out_dir / CHECKPOINT_DIR)
     reporter = TuneReporter(cfg, out_dir, where=where_running())
-    train(cfg, out_dir, report=reporter, resume=restored is not None, progress=False)
+    try:
+        train(cfg, out_dir, report=reporter, resume=restored is not None, progress=False)
+    except NonFiniteError as err:
+        # a retry from the last checkpoint would diverge again: end the trial with a result that says why, which the
+        # driver records as failed (MLflow FAILED with the reason, Optuna FAIL) instead of letting Tune retry it
+        tune.report({"step": err.step, DIVERGED: str(err), **reporter.where})
+        return
     reporter.report_last()
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from trainables.config import ConfigError, load_config
 
+EXIT_DIVERGED = 3  # training produced a non-finite loss or weight
 EXIT_BAD_INPUT = 2
 
 
@@ -50,14 +51,21 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
 
     from trainables.data import build_data  # after validation: these pull in torch
-    from trainables.loop import train
+    from trainables.loop import NonFiniteError, train
 
     try:
         data = build_data(cfg.data)
     except (FileNotFoundError, ValueError) as err:  # missing files, too few images for the requested split
         print(f"error: data: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    final = train(cfg, out, resume=args.resume, data=data)
+    try:
+        final = train(cfg, out, resume=args.resume, data=data)
+    except NonFiniteError as err:  # the checkpoint holds the last finite state; a resume would diverge again
+        print(
+            f"error: {err}; lower optim.lr or check the data (the checkpoint holds the last finite state)",
+            file=sys.stderr,
+        )
+        return EXIT_DIVERGED
     keys = ["step", "test/top1", "test/balanced_acc", "test/recall_head", "test/recall_tail", "val/balanced_acc_med20"]
     print(json.dumps({k: final[k] for k in keys if k in final}, indent=1))
     print(f"metrics: {out / 'metrics.jsonl'}  checkpoint: {out / 'checkpoint'}", file=sys.stderr)

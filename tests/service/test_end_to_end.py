@@ -292,3 +292,38 @@ def test_a_second_driver_on_a_running_sweep_is_refused(tmp_path):
     # the lock went with the first driver: a resume may take it now
     again = cli(tmp_path, "--space", "space.yaml", "--resume", timeout=400)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+
+
+DIVERGING = f"""
+experiment: diverging
+base_file: {REPO}/trainables/configs/repro_synthetic.yaml
+base:
+  train: {{iterations: 40, eval_every: 20}}
+space:
+  optim.lr: {{type: categorical, values: [0.1, 1.0e+12]}}  # 1e12 sends the weights to inf within 20 steps
+search: {{sampler: grid, metric: val/balanced_acc, max_concurrent: 1, max_failures: 2}}
+storage: {{optuna: "sqlite:///optuna.db"}}
+"""
+
+
+def test_a_diverging_trial_fails_at_once_and_is_not_retried(tmp_path):
+    (tmp_path / "space.yaml").write_text(DIVERGING)
+    out = cli(tmp_path, "--space", "space.yaml")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "training diverged at step 20" in out.stdout and "(not retried)" in out.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    _, parent, children = runs_of(client, "diverging")
+    by_lr = {float(c.data.params["optim.lr"]): c for c in children}
+    assert sorted(by_lr) == [0.1, 1e12]
+    failed, good = by_lr[1e12], by_lr[0.1]
+    assert (failed.info.status, failed.data.tags["ltssl.outcome"]) == ("FAILED", "failed")
+    assert "ltssl.retries" not in failed.data.tags  # a retry from its checkpoint would diverge again
+    assert "val/balanced_acc" not in failed.data.metrics  # nothing from the diverged evaluation
+    error = Path(client.download_artifacts(failed.info.run_id, "error.txt", str(tmp_path / "dl"))).read_text()
+    assert error.startswith("training diverged at step 20: ")
+    assert (good.info.status, good.data.tags["ltssl.outcome"]) == ("FINISHED", "finished")
+    study = optuna.load_study(study_name=parent.info.run_name, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    states = {t.user_attrs["tune_trial_id"]: t.state for t in study.trials}
+    assert states[failed.data.tags["ltssl.tune_trial_id"]] == TrialState.FAIL
+    assert states[good.data.tags["ltssl.tune_trial_id"]] == TrialState.COMPLETE
+    assert parent.data.metrics["trials/failed"] == 1 and parent.data.metrics["trials/finished"] == 1

@@ -123,3 +123,24 @@ def test_reported_evaluation_keys_are_the_contract(tmp_path):
     train(tiny_config(), tmp_path, report=lambda m, c: seen.append(m), progress=False, data=data)
     for prefix in ("val", "test"):
         assert {k for k in seen[-1] if k.startswith(prefix + "/")} == evaluation_keys(prefix, 4)
+
+
+DATA = random_data()
+
+
+def test_divergence_stops_the_run_before_anything_is_written(tmp_path):
+    # a learning rate of 1e12 sends the weights to inf/nan within the first evaluation window
+    from trainables.loop import NonFiniteError
+
+    seen = []
+    with pytest.raises(NonFiniteError, match="training diverged at step 10: "):
+        train(
+            tiny_config("optim.lr=1e12"),
+            tmp_path,
+            report=lambda m, c: seen.append(m),
+            progress=False,
+            data=random_data(),
+        )
+    assert seen == []
+    assert not (tmp_path / "checkpoint" / "state.pt").exists()
+    assert not (tmp_path / "metrics.jsonl").exists() or (tmp_path / "metrics.jsonl").read_text() == ""
