@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import tempfile
 import time
@@ -234,6 +235,8 @@ def run(plan: Plan, stored: dict[str, Any] | None, address: str | None) -> Outco
             runtime_env = {"working_dir": str(cluster.stage_code(Path(staging) / "code"))}
         connecting = time.perf_counter()
         ray.init(address=address or "local", include_dashboard=False, runtime_env=runtime_env, log_to_driver=True)
+        # preemption (SIGTERM) stops the sweep as Ctrl-C does: state saved, runs closed, resumable
+        signal.signal(signal.SIGTERM, _stop_gracefully)
         shipped = f", code shipped: {len(cluster.code_files())} files" if runtime_env else ""
         print(f"[sweep] ray: connected in {time.perf_counter() - connecting:.1f} s{shipped}", flush=True)
     started = time.monotonic()
@@ -270,6 +273,14 @@ def run(plan: Plan, stored: dict[str, Any] | None, address: str | None) -> Outco
     summary = "finished" if outcome.complete else "time budget" if outcome.time_budget_hit else "interrupted"
     terminal(client_for(record), record.parent_run_id, status, summary)
     return outcome
+
+
+def _stop_gracefully(signum: int, frame: Any) -> None:
+    tune_stop = signal.getsignal(signal.SIGUSR1)  # Tune's graceful stop, installed while tuner.fit() runs
+    if callable(tune_stop):
+        tune_stop(signum, frame)
+    else:
+        raise KeyboardInterrupt
 
 
 def prepare_cluster(plan: Plan, remote: bool) -> None:

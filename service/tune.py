@@ -88,6 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:  # bad input, or found once MLflow is open (e.g. the experiment was deleted in the UI)
         print(f"error: {redact_text(str(err))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM before Tune took over (or a second one after)
+        again = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--resume"] + ["--resume"]
+        print(
+            "\nInterrupted. If the sweep had started, resume it with: python -m service.tune "
+            + redact_text(shlex.join(again)),
+            file=sys.stderr,
+        )
+        return 130
     print(render_outcome(plan, outcome, argv if argv is not None else sys.argv[1:]))
     if outcome.counts.get("failed", 0) == plan.num_trials:
         return 1

@@ -217,7 +217,9 @@ def child_tags(db: Path) -> dict[str, dict[str, str]]:
     return {r: t for r, t in tags.items() if t.get("ltssl.role") == "trial"}
 
 
-def test_interrupt_and_resume(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupt_and_resume(tmp_path, stop):
+    # SIGTERM is what a preempted machine or a scheduler sends: it must stop the sweep as gracefully as Ctrl-C
     (tmp_path / "space.yaml").write_text(RESUMABLE)
     first = start_sweep(tmp_path)
     # interrupt once the first trial has finished and the second has logged an evaluation (so it has a checkpoint)
@@ -232,7 +234,7 @@ def test_interrupt_and_resume(tmp_path):
             first.kill()
             pytest.fail("the sweep never reached a second trial with a checkpoint:\n" + first.communicate()[0][-3000:])
         time.sleep(0.3)
-    first.send_signal(signal.SIGINT)
+    first.send_signal(stop)
     output, _ = first.communicate(timeout=180)
     assert first.returncode == 130, output[-3000:]
     assert "Interrupted. Resume with: python -m service.tune --space space.yaml --resume" in output
