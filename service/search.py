@@ -66,9 +66,20 @@ class SweepSearch(OptunaSearch):
         self._optuna_trial(trial_id).set_user_attr("tune_trial_id", trial_id)
         return config
 
+    def _finished_elsewhere(self, trial_id: str) -> bool:
+        """Whether the study's database already holds this trial as finished although Tune's saved searcher state
+        does not: a driver that died after telling Optuna, before Tune's next snapshot. Its record stands."""
+        if self._storage_url is None or trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            return False
+        trial = self._ot_trials[trial_id]
+        if not self._storage.get_trial(trial._trial_id).state.is_finished():
+            return False
+        self._completed_trials.add(trial_id)
+        return True
+
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        if DIVERGED in result:
-            return  # no metric: on_trial_complete tells Optuna the trial failed
+        if DIVERGED in result or self._finished_elsewhere(trial_id):
+            return  # no metric (on_trial_complete tells Optuna the trial failed), or Optuna's record is final
         step = int(result[STEP])
         if step <= self._reported.get(trial_id, -1):
             return  # a retry re-ran this evaluation after its checkpoint: Optuna keeps the first value
@@ -82,6 +93,8 @@ class SweepSearch(OptunaSearch):
             trial.set_user_attr("intermediate_values", history)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        if self._finished_elsewhere(trial_id):
+            return
         if result is not None and DIVERGED in result:
             super().on_trial_complete(trial_id, result=None, error=True)  # Optuna: FAIL
             return

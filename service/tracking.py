@@ -165,9 +165,12 @@ class MlflowTrialLogger(tune.Callback):
             for k, v in result.items()
             if _is_metric(k, v) and (per_class or not PER_CLASS.search(k))
         ]
-        for chunk in _chunks(metrics, BATCH):
-            self.client.log_batch(run_id, metrics=chunk)
-        self.client.set_tag(run_id, LAST_STEP, str(step))
+        # the de-duplication tag travels in the same log_batch (one transaction) as the evaluation's last metrics:
+        # no evaluation is recorded without its step, or its step without its metrics
+        chunks = list(_chunks(metrics, BATCH)) or [[]]
+        for i, chunk in enumerate(chunks):
+            tags = [RunTag(LAST_STEP, str(step))] if i == len(chunks) - 1 else []
+            self.client.log_batch(run_id, metrics=chunk, tags=tags)
         self._last_step[trial.trial_id] = step
         self._record_where(trial, run_id, result)
         row = self._row(trial)
@@ -198,7 +201,7 @@ class MlflowTrialLogger(tune.Callback):
     @_timed
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         run_id = self._run_of(trial)
-        reason = (trial.last_result or {}).get(DIVERGED)
+        reason = (getattr(trial, "last_result", None) or {}).get(DIVERGED)
         if reason:  # ended on purpose, not retried: it would diverge again
             self.client.log_text(run_id, reason, "error.txt")
             self.client.set_tag(run_id, "mlflow.note.content", reason)

@@ -16,6 +16,8 @@ STATE_FILE = "state.pt"
 def save_atomic(state: dict[str, Any], directory: Path) -> Path:
     """Write `directory/state.pt`; a kill at any moment leaves the old or the new file, never a torn one."""
     directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob(f".{STATE_FILE}.*.tmp"):  # torn by a kill: never carried into a Tune checkpoint
+        stale.unlink(missing_ok=True)
     final = directory / STATE_FILE
     tmp = directory / f".{STATE_FILE}.{os.getpid()}.tmp"
     with open(tmp, "wb") as f:

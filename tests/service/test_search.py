@@ -161,3 +161,22 @@ def test_an_in_memory_study_is_pickled_whole(small_plan):
     search.suggest("m")
     again = pickle.loads(pickle.dumps(search))
     assert [t.user_attrs["tune_trial_id"] for t in again.study.trials] == ["m"]
+
+
+def test_a_resumed_searcher_leaves_trials_the_database_already_finished(write_space, tmp_path):
+    # the driver told Optuna a trial COMPLETE and died before Tune's next snapshot: the snapshot's searcher still
+    # has the trial live; on --resume, Tune reports it again, and the database's record must stand (no crash)
+    import pickle
+
+    plan = load_plan(write_space(SMALL + "storage: {optuna: sqlite:///optuna.db}\n"), launch_dir=tmp_path)
+    search = SweepSearch(plan)
+    search.suggest("r")
+    search.on_trial_result("r", result(20, 0.3))
+    snapshot = pickle.dumps(search)
+    search.on_trial_complete("r", result=result(60, 0.5))  # after the snapshot
+    restored = pickle.loads(snapshot)
+    restored.on_trial_result("r", result(40, 0.4))
+    restored.on_trial_complete("r", result=result(60, 0.45))
+    (trial,) = restored.study.trials
+    assert trial.state == TrialState.COMPLETE and trial.value == pytest.approx(0.5)
+    assert trial.intermediate_values == {20: 0.3, 60: 0.5}

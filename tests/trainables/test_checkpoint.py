@@ -50,3 +50,10 @@ def test_lr_schedules():
     assert lr_at(500, 1000, cos) == pytest.approx(0.03 * np.cos(7 * np.pi / 32))
     assert lr_at(1000, 1000, cos) == pytest.approx(0.03 * np.cos(7 * np.pi / 16))
     assert lr_at(777, 1000, OptimConfig()) == 0.03
+
+
+def test_a_torn_temporary_file_does_not_survive_the_next_save(tmp_path):
+    # a kill mid-write leaves .state.pt.<pid>.tmp; the directory is what Tune copies into its checkpoint
+    (tmp_path / ".state.pt.4242.tmp").write_bytes(b"partial")
+    checkpoint.save_atomic({"step": 2}, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]
