@@ -66,8 +66,14 @@ class SweepLock:
         if any(p.is_file() for p in (path.parent, *path.parent.parents)):
             return  # preflight reports a storage path that is a file
         self._created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path, "a+")  # noqa: SIM115 - held open for the whole run
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(path, "a+")  # noqa: SIM115 - held open for the whole run
+        except OSError as err:  # read-only, full, or not a real directory (/proc, a mount that refuses)
+            raise ConfigError(
+                f"{self.plan.source}: storage.path {self.plan.storage} cannot be written ({err.strerror or err}: "
+                f"{err.filename or path}); choose a directory you can write to"
+            ) from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -47,6 +47,7 @@ from trainables.config import ConfigError
 from trainables.ray_trainable import SERVICE_KEY, run_trial
 
 RECORD_FILE = "service_plan.json"
+TUNE_STATE = "tuner.pkl"  # what Tuner.restore reads first
 PROJECT_ROOT = cluster.PROJECT_ROOT
 INTERRUPTED = 130  # exit status of a sweep stopped by Ctrl-C (the shell's convention for SIGINT)
 
@@ -63,8 +64,16 @@ def preflight(plan: Plan, resume: bool) -> dict[str, Any] | None:
     """Checks that need no Ray or MLflow; returns the stored record when resuming. Raises ConfigError."""
     where = plan.sweep_location
     try:
-        if not plan.storage.remote and Path(plan.storage.uri).is_file():
-            raise ConfigError(f"{plan.source}: storage.path {plan.storage} is a file; it must be a directory")
+        if not plan.storage.remote:
+            local = Path(plan.storage.uri)
+            if local.is_file():
+                raise ConfigError(f"{plan.source}: storage.path {plan.storage} is a file; it must be a directory")
+            existing = next(p for p in (local, *local.parents) if p.exists())
+            if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+                raise ConfigError(
+                    f"{plan.source}: storage.path {plan.storage} cannot be written ({existing} is not a writable "
+                    "directory); choose a directory you can write to"
+                )
         if plan.storage.remote and not plan.storage.bucket.exists():
             endpoint = plan.storage.endpoint_url or storage.endpoint_from_env()
             raise ConfigError(
@@ -75,6 +84,7 @@ def preflight(plan: Plan, resume: bool) -> dict[str, Any] | None:
         exists = where.exists()
         record = where / RECORD_FILE
         has_record = resume and record.is_file()
+        has_tune_state = has_record and (where / TUNE_STATE).is_file()
         others = [] if has_record or not resume else plan.storage.subdirs()
     except OSError as err:  # an unreachable object store, missing credentials, a bucket that does not exist
         raise ConfigError(f"{plan.source}: storage.path {plan.storage} cannot be read: {err}") from err
@@ -91,6 +101,12 @@ def preflight(plan: Plan, resume: bool) -> dict[str, Any] | None:
             f"{plan.source}: no sweep to resume at {where} (its name holds the space hash {plan.space_hash[:8]}, "
             "so a changed base or space starts a new sweep); "
             + (f"sweeps of this experiment: {', '.join(others)}" if others else "no sweep of this experiment exists")
+        )
+    if not has_tune_state:
+        raise ConfigError(
+            f"{plan.source}: --resume found the sweep's record but not Ray Tune's state ({TUNE_STATE}) in {where}: "
+            "the folder was edited or only partly copied; a resume will not start the sweep over under the same "
+            "parent run. Restore the folder, or delete it to start a new sweep"
         )
     stored = json.loads(record.read_text())
     diffs = _differences(stored["frozen"], plan.frozen_fields())

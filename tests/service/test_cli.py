@@ -121,14 +121,20 @@ def test_resume_without_a_sweep_exits_2(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def fake_sweep(plan) -> None:
+    """A sweep folder as a run leaves it: the record and Tune's state (a stand-in file)."""
+    Path(plan.sweep_location.uri).mkdir(parents=True)
+    (Path(plan.sweep_location.uri) / "tuner.pkl").write_bytes(b"")
+    write_record(plan, record_for(plan))
+
+
 def record_for(plan) -> SweepRecord:
     return SweepRecord(plan.tracking_uri, "1", "parent", plan.sweep_name, plan.space_hash, "c0ffee", (("m", "max"),), 1)
 
 
 def test_existing_sweep_needs_resume(write_space, tmp_path):
     plan = load_plan(write_space(SMALL), launch_dir=tmp_path)
-    Path(plan.sweep_location.uri).mkdir(parents=True)
-    write_record(plan, record_for(plan))
+    fake_sweep(plan)
     with pytest.raises(ConfigError, match="already exists.*pass --resume"):
         preflight(plan, resume=False)
     assert preflight(plan, resume=True)["record"]["parent_run_id"] == "parent"
@@ -136,8 +142,7 @@ def test_existing_sweep_needs_resume(write_space, tmp_path):
 
 def test_resume_refuses_a_changed_plan(write_space, tmp_path):
     plan = load_plan(write_space(SMALL), launch_dir=tmp_path)
-    Path(plan.sweep_location.uri).mkdir(parents=True)
-    write_record(plan, record_for(plan))
+    fake_sweep(plan)
     changed = load_plan(write_space(SMALL), sets=["search.sampler=random", "search.num_trials=9"], launch_dir=tmp_path)
     assert changed.sweep_location == plan.sweep_location  # same question, other budget and sampler
     with pytest.raises(ConfigError) as info:
@@ -233,4 +238,20 @@ def test_unreachable_stores_and_clusters_exit_2_before_anything_starts(tmp_path,
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     assert "cannot reach what the sweep needs" in out.stderr and fragment in out.stderr
     assert "pw-x" not in out.stderr and "Traceback" not in out.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["space.yaml"]
+
+
+def test_resume_without_tune_state_refuses_to_start_over(write_space, tmp_path):
+    plan = load_plan(write_space(SMALL), launch_dir=tmp_path)
+    Path(plan.sweep_location.uri).mkdir(parents=True)
+    write_record(plan, record_for(plan))  # the record, but Tune's state is gone
+    with pytest.raises(ConfigError, match=r"not Ray Tune's state \(tuner.pkl\).*will not start the sweep over"):
+        preflight(plan, resume=True)
+
+
+def test_a_storage_path_that_cannot_be_written_exits_2(tmp_path):
+    (tmp_path / "space.yaml").write_text(SMALL)
+    out = cli("--space", "space.yaml", "--storage", "/proc/ltssl-results", cwd=tmp_path, timeout=60)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "storage.path /proc/ltssl-results cannot be written" in out.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["space.yaml"]
