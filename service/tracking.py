@@ -43,6 +43,7 @@ WHERE_TAGS = {
     "code_path": "ltssl.code_path",
 }
 NODES = "ltssl.nodes"
+DUPLICATE_OF = "ltssl.duplicate_of"  # on a deleted duplicate child run: the run kept for the trial
 PER_CLASS = re.compile(r"/c\d+$")  # per-class keys: val/recall/c03, pl/count/c117, ...
 BATCH = 1000  # MLflow's limit of metrics per log_batch call
 PARAM_BATCH = 100  # and of params
@@ -247,13 +248,7 @@ class MlflowTrialLogger(tune.Callback):
         tid = trial.trial_id
         if tid in self._runs:
             return self._runs[tid]
-        found = self.client.search_runs(
-            [self.record.experiment_id],
-            filter_string=f"tags.`{PARENT}` = '{self.record.parent_run_id}' AND tags.`{TRIAL_ID}` = '{tid}'",
-            max_results=2,
-        )
-        if len(found) > 1:
-            raise RuntimeError(f"MLflow holds {len(found)} runs for Tune trial {tid} of sweep {self.record.sweep_name}")
+        found = self._runs_of(tid)
         if found:
             run = found[0]
             run_id = run.info.run_id
@@ -264,9 +259,29 @@ class MlflowTrialLogger(tune.Callback):
         else:
             run_id = self._create(trial)
             self._last_step[tid] = -1
+            # a create whose response was lost and retried by the client made two runs: keep one
+            kept = self._runs_of(tid)
+            run_id = kept[0].info.run_id if kept else run_id
         self._runs[tid] = run_id
         self._ended.discard(tid)
         return run_id
+
+    def _runs_of(self, tid: str) -> list[Any]:
+        """The trial's child run, as a one-element list (empty when none exists). Should MLflow hold several (a
+        create request retried after its response was lost), the one with the most evaluations stays and the
+        others are deleted (MLflow's soft delete: restorable) with a tag naming the one kept."""
+        found = list(
+            self.client.search_runs(
+                [self.record.experiment_id],
+                filter_string=f"tags.`{PARENT}` = '{self.record.parent_run_id}' AND tags.`{TRIAL_ID}` = '{tid}'",
+                max_results=50,
+            )
+        )
+        found.sort(key=lambda r: (-int(r.data.tags.get(LAST_STEP, "-1")), r.info.start_time, r.info.run_id))
+        for extra in found[1:]:
+            self.client.set_tag(extra.info.run_id, DUPLICATE_OF, found[0].info.run_id)
+            self.client.delete_run(extra.info.run_id)
+        return found[:1]
 
     def _create(self, trial: Any) -> str:
         meta = trial.config[SERVICE_KEY]

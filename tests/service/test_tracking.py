@@ -175,3 +175,24 @@ def test_rank_puts_finished_trials_first():
     ]
     assert [r.name for r in rank(rows, [("val/top1", "max")])] == ["c", "b", "a"]
     assert [r.name for r in rank(rows, [("val/top1", "min")])] == ["b", "c", "a"]
+
+
+def test_a_duplicate_child_run_is_folded_into_the_one_with_the_records(plan, record):
+    # a create_run retried after its response was lost leaves a second run with the same trial tags: the logger
+    # keeps the one with the evaluations and soft-deletes the other, instead of refusing every later resume
+    trial = make_trial(plan, "abc_00042")
+    logger = MlflowTrialLogger(record)
+    logger.on_trial_start(0, [], trial)
+    logger.on_trial_result(0, [], trial, result(20, 0.3))
+    kept = logger._runs[trial.trial_id]
+    client = MlflowClient(record.tracking_uri)
+    tags = {k: v for k, v in client.get_run(kept).data.tags.items() if k.startswith(("ltssl.", "mlflow.parent"))}
+    tags.pop("ltssl.last_step")
+    duplicate = client.create_run(record.experiment_id, tags=tags).info.run_id
+    fresh = MlflowTrialLogger(record)  # a resumed driver
+    fresh.on_trial_result(0, [], trial, result(40, 0.4))
+    assert fresh._runs[trial.trial_id] == kept
+    assert [r.info.run_id for r in children(record)] == [kept]
+    gone = client.get_run(duplicate)
+    assert gone.info.lifecycle_stage == "deleted" and gone.data.tags["ltssl.duplicate_of"] == kept
+    assert history(record, kept, "val/balanced_acc") == [(20, 0.3), (40, 0.4)]
