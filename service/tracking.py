@@ -10,14 +10,17 @@ logged step is kept in a tag).
 
 from __future__ import annotations
 
-import functools
 import json
+import os
+import queue
 import re
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from mlflow import MlflowClient
@@ -98,18 +101,34 @@ def terminal(client: MlflowClient, run_id: str, status: str, outcome: str) -> No
     client.set_terminated(run_id, status=status)
 
 
-def _timed(hook: Callable) -> Callable:
-    """Count the time a callback hook spends in the driver (MLflow calls block Tune's event loop meanwhile)."""
+FLUSH_TIMEOUT_S = float(os.environ.get("LTSSL_MLFLOW_FLUSH_TIMEOUT_S", "300"))  # at the sweep's end
+MAX_RETRY_DELAY_S = 30.0
 
-    @functools.wraps(hook)
-    def wrapper(self: MlflowTrialLogger, *args: Any, **kwargs: Any) -> Any:
-        started = time.perf_counter()
-        try:
-            return hook(self, *args, **kwargs)
-        finally:
-            self.busy_s += time.perf_counter() - started
 
-    return wrapper
+def _view(trial: Any) -> SimpleNamespace:
+    """What the writer needs of a Tune trial, taken when the event happens (the trial object moves on)."""
+    error = trial.get_error() if hasattr(trial, "get_error") else None
+    return SimpleNamespace(
+        trial_id=trial.trial_id,
+        config=trial.config,
+        checkpoint=getattr(trial, "checkpoint", None),
+        last_result=dict(getattr(trial, "last_result", None) or {}),
+        error=str(error) if error else None,
+    )
+
+
+def _transient(err: Exception) -> bool:
+    """A failure that waiting can cure: the server or the database is down or restarting, a connection dropped."""
+    import requests
+    import sqlalchemy.exc
+
+    if isinstance(err, OSError | requests.RequestException | sqlalchemy.exc.OperationalError | TimeoutError):
+        return True
+    text = str(err)
+    return any(
+        marker in text
+        for marker in ("API request to", "Max retries exceeded", "Connection refused", "503", "502", "504")
+    )
 
 
 class MlflowTrialLogger(tune.Callback):
@@ -128,7 +147,10 @@ class MlflowTrialLogger(tune.Callback):
         self._where: dict[str, dict[str, str]] = {}  # Tune trial id -> where tags last written
         self._nodes: dict[str, list[str]] = {}  # Tune trial id -> nodes it ran on
         self._rows: dict[str, Row] | None = None  # leaderboard rows, read from MLflow once per session
-        self.busy_s = 0.0  # time spent in MLflow calls in this session (printed at the end)
+        self.busy_s = 0.0  # time the writer spent in MLflow calls in this session (printed at the end)
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._closing = False
 
     def __getstate__(self) -> dict[str, Any]:
         return {"record": self.record}
@@ -143,16 +165,103 @@ class MlflowTrialLogger(tune.Callback):
             self._client = MlflowClient(secrets.reveal(self.record.tracking_uri))
         return self._client
 
-    # ---- Tune callback hooks ---------------------------------------------------------------------------------
+    # ---- Tune callback hooks: they only queue the work; the writer thread talks to MLflow ----------------------
 
-    @_timed
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._submit(self._do_start, _view(trial))
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        # the timestamp is taken now, so a write retried after an outage repeats the same points (MLflow keeps one)
+        self._submit(self._do_result, _view(trial), dict(result), int(time.time() * 1000))
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._submit(self._do_recover, _view(trial))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._submit(self._do_complete, _view(trial))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._submit(self._do_error, _view(trial))
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._submit(self._do_experiment_end, [_view(t) for t in trials])
+        left = self.flush(FLUSH_TIMEOUT_S)
+        n = max(len(self._runs), 1)
+        print(
+            f"[sweep] tracking: {self.busy_s:.2f} s of MLflow calls (in the writer thread, off Tune's loop) for "
+            f"{len(self._runs)} trial(s), {self.busy_s / n * 1000:.0f} ms per trial "
+            f"({secrets.redact(self.record.tracking_uri)})",
+            flush=True,
+        )
+        if left:
+            print(
+                f"[sweep] tracking: {len(left)} MLflow write(s) still failed after {FLUSH_TIMEOUT_S:g} s and were "
+                f"dropped ({', '.join(left[:10])}{', ...' if len(left) > 10 else ''}); the trials' runs stay as they "
+                "were, and --resume reopens the unfinished ones",
+                flush=True,
+            )
+
+    # ---- the writer thread -----------------------------------------------------------------------------------
+
+    def _submit(self, task: Callable, *args: Any) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._drain, name="mlflow-writer", daemon=True)
+            self._thread.start()
+        self._queue.put((task, args))
+
+    def flush(self, timeout: float) -> list[str]:
+        """Wait until every queued write is done, at most `timeout` s; the names of those left undone."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not self._queue.unfinished_tasks:
+            return []
+        self._closing = True  # the writer gives up on the one it retries; the rest are listed and dropped
+        left = []
+        while True:
+            try:
+                task, _ = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            left.append(task.__name__.removeprefix("_do_"))
+            self._queue.task_done()
+        return left
+
+    def _drain(self) -> None:
+        while True:
+            task, args = self._queue.get()
+            delay, warned = 1.0, False
+            while True:
+                try:
+                    started = time.perf_counter()
+                    task(*args)
+                    self.busy_s += time.perf_counter() - started
+                    if warned:
+                        print("[sweep] tracking: MLflow answers again; queued records are being written", flush=True)
+                    break
+                except Exception as err:  # noqa: BLE001 - classified below
+                    if not _transient(err) or self._closing:
+                        print(f"[sweep] tracking: MLflow refused a write ({task.__name__}): {err}", flush=True)
+                        break
+                    if not warned:
+                        print(
+                            f"[sweep] tracking: MLflow unreachable ({type(err).__name__}); training goes on, records "
+                            f"wait in a queue ({self._queue.qsize()} more) and are retried",
+                            flush=True,
+                        )
+                        warned = True
+                    time.sleep(delay)
+                    delay = min(delay * 2, MAX_RETRY_DELAY_S)
+            self._queue.task_done()
+
+    # ---- the work, in the writer thread ------------------------------------------------------------------------
+
+    def _do_start(self, trial: Any) -> None:
         self._run_of(trial)
 
-    @_timed
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+    def _do_result(self, trial: Any, result: dict, now: int) -> None:
         run_id = self._run_of(trial)
-        if DIVERGED in result:  # no metrics: on_trial_complete records the failure
+        if DIVERGED in result:  # no metrics: the completion records the failure
             self._record_where(trial, run_id, result)
             return
         step = int(result["step"])
@@ -160,7 +269,6 @@ class MlflowTrialLogger(tune.Callback):
             return  # a retry re-ran an evaluation after its checkpoint: the first record stands
         final = step >= trial.config["train"]["iterations"]
         per_class = final or int(result.get("evaluation", 1)) % self.record.per_class_every == 0
-        now = int(time.time() * 1000)
         metrics = [
             Metric(k, float(v), now, step)
             for k, v in result.items()
@@ -177,32 +285,14 @@ class MlflowTrialLogger(tune.Callback):
         row = self._row(trial)
         row.metrics.update({k: float(v) for k, v in result.items() if _is_metric(k, v) and not PER_CLASS.search(k)})
 
-    def _record_where(self, trial: Any, run_id: str, result: dict) -> None:
-        """Tag the run with where the trial runs, when that changed (a first report, a retry on another node)."""
-        where = {tag: str(result[key]) for key, tag in WHERE_TAGS.items() if key in result}
-        if not where or self._where.get(trial.trial_id) == where:
-            return
-        # ltssl.nodes: every node the trial ran on, across retries and --resume (read back once per session)
-        nodes = self._nodes.get(trial.trial_id)
-        if nodes is None:
-            nodes = [n for n in self.client.get_run(run_id).data.tags.get(NODES, "").split(",") if n]
-        node = where.get(WHERE_TAGS["ray_node_id"])
-        if node and node not in nodes:
-            nodes.append(node)
-        tags = [RunTag(k, v) for k, v in {**where, NODES: ",".join(nodes)}.items()]
-        self.client.log_batch(run_id, tags=tags)
-        self._where[trial.trial_id], self._nodes[trial.trial_id] = where, nodes
-
-    @_timed
-    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def _do_recover(self, trial: Any) -> None:
         run_id = self._run_of(trial)
         retries = int(self.client.get_run(run_id).data.tags.get(RETRIES, "0")) + 1
         self.client.set_tag(run_id, RETRIES, str(retries))
 
-    @_timed
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def _do_complete(self, trial: Any) -> None:
         run_id = self._run_of(trial)
-        reason = (getattr(trial, "last_result", None) or {}).get(DIVERGED)
+        reason = trial.last_result.get(DIVERGED)
         if reason:  # ended on purpose, not retried: it would diverge again
             self.client.log_text(run_id, reason, "error.txt")
             self.client.set_tag(run_id, "mlflow.note.content", reason)
@@ -218,28 +308,18 @@ class MlflowTrialLogger(tune.Callback):
         else:  # Tune completes a trial before its last evaluation only when the scheduler (ASHA) stops it
             self._end(trial, "KILLED", "pruned")
 
-    @_timed
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def _do_error(self, trial: Any) -> None:
         run_id = self._run_of(trial)
-        error = trial.get_error()
-        if error:
-            self.client.log_text(run_id, str(error), "error.txt")
+        if trial.error:
+            self.client.log_text(run_id, trial.error, "error.txt")
         self._end(trial, "FAILED", "failed")
 
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
-        started = time.perf_counter()
+    def _do_experiment_end(self, trials: list) -> None:
         # runs still open were cut short by an interruption: --resume reopens them
         for trial in trials:
             if trial.trial_id in self._runs and trial.trial_id not in self._ended:
                 self._end(trial, "KILLED", "interrupted")
         self._write_leaderboard()
-        self.busy_s += time.perf_counter() - started
-        n = max(len(self._runs), 1)
-        print(
-            f"[sweep] tracking: {self.busy_s:.2f} s of MLflow calls in the driver for {len(self._runs)} trial(s), "
-            f"{self.busy_s / n * 1000:.0f} ms per trial ({secrets.redact(self.record.tracking_uri)})",
-            flush=True,
-        )
 
     # ---- runs --------------------------------------------------------------------------------------------------
 

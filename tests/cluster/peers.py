@@ -217,37 +217,47 @@ def boto_credentials() -> dict[str, str]:
     }
 
 
+class MlflowServer:
+    """`mlflow server` on a fixed loopback port, backend store in PostgreSQL, artifacts proxied to the S3 server;
+    `stop()` and `start()` again on the same port and store (an outage, then a restart)."""
+
+    def __init__(self, where: Path, backend: str, s3: S3Server):
+        self.where, self.backend, self.s3 = where, backend, s3
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self) -> None:
+        self.starts += 1
+        log = self.where / f"mlflow-server-{self.starts}.log"
+        mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent))
+        env = {**base_env(), **AWS, "MLFLOW_S3_ENDPOINT_URL": self.s3.endpoint}
+        args = ["server", "--backend-store-uri", self.backend, "--host", "127.0.0.1", "--port", str(self.port)]
+        args += ["--artifacts-destination", f"s3://{self.s3.bucket}/mlflow", "--workers", "1"]
+        self.proc = subprocess.Popen(
+            [mlflow, *args], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=self.where,
+            start_new_session=True,
+        )  # fmt: skip
+        wait_http(f"{self.url}/health", 180, self.proc, log)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+
+
 @contextmanager
 def mlflow_server(tmp_path: Path, backend: str, s3_server: S3Server) -> Iterator[str]:
-    """`mlflow server` on PostgreSQL with artifacts proxied to the S3 server; yields http://127.0.0.1:PORT."""
-    port = free_port()
-    log = tmp_path / "mlflow-server.log"
-    mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent))
-    env = {**base_env(), **AWS, "MLFLOW_S3_ENDPOINT_URL": s3_server.endpoint}
-    proc = subprocess.Popen(
-        [
-            mlflow,
-            "server",
-            "--backend-store-uri",
-            backend,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--artifacts-destination",
-            f"s3://{s3_server.bucket}/mlflow",
-            "--workers",
-            "1",
-        ],  # fmt: skip
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        env=env,
-        cwd=tmp_path,
-        start_new_session=True,
-    )
+    """A started `MlflowServer`; yields its URL."""
+    with running_mlflow(tmp_path, backend, s3_server) as server:
+        yield server.url
+
+
+@contextmanager
+def running_mlflow(tmp_path: Path, backend: str, s3_server: S3Server) -> Iterator[MlflowServer]:
+    server = MlflowServer(tmp_path, backend, s3_server)
+    server.start()
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/health", 180, proc, log)
-        yield url
+        yield server
     finally:
-        _stop(proc)
+        server.stop()

@@ -269,3 +269,41 @@ def test_one_driver_per_sweep_in_team_mode_through_a_postgres_lock(tmp_path, dat
         assert PASSWORD not in str(info.value)
     with SweepLock(plan):  # released with its connection
         pass
+
+
+def test_an_mlflow_outage_delays_records_but_loses_none(tmp_path, databases, s3_server):
+    # the tracking server goes down for longer than a trial's evaluation interval and comes back mid-sweep:
+    # training goes on (the writes wait in the driver's queue), and every evaluation ends up in MLflow exactly once
+    from .peers import running_mlflow
+
+    launch = tmp_path / "launch"
+    launch.mkdir()
+    extra = f"storage: {{optuna: '{databases()}'}}\ntracking: {{experiment: outage}}\n"
+    (launch / "space.yaml").write_text(
+        space("outage", concurrent=1, extra=extra).replace("40, eval_every: 20", "60, eval_every: 20")
+    )
+    with running_mlflow(tmp_path, databases(), s3_server) as server:
+        client = MlflowClient(server.url)
+        args = [sys.executable, "-m", "service.tune", "--space", "space.yaml", "--tracking-uri", server.url]
+        sweep = subprocess.Popen(
+            args, cwd=launch, env={**base_env(), **AWS}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        deadline = time.monotonic() + 300
+        while not (client.get_experiment_by_name("outage") and child_runs(client, "outage")):
+            if sweep.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("no trial started:\n" + sweep.communicate()[0][-3000:])
+            time.sleep(0.5)
+        server.stop()
+        time.sleep(25)  # longer than an evaluation interval of these trials (a few seconds)
+        assert sweep.poll() is None, "the sweep died with the tracking server:\n" + sweep.communicate()[0][-3000:]
+        server.start()
+        output, _ = sweep.communicate(timeout=600)
+        assert sweep.returncode == 0, output[-3000:]
+        assert "MLflow unreachable" in output and "MLflow answers again" in output
+
+        children = child_runs(client, "outage")
+        assert len(children) == 3 and len({c.data.tags["ltssl.tune_trial_id"] for c in children}) == 3
+        for child in children:
+            assert (child.info.status, child.data.tags["ltssl.outcome"]) == ("FINISHED", "finished")
+            assert [m.step for m in client.get_metric_history(child.info.run_id, "val/balanced_acc")] == [20, 40, 60]
+            assert [m.step for m in client.get_metric_history(child.info.run_id, "val/recall/c03")] == [20, 40, 60]

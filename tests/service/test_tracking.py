@@ -72,6 +72,7 @@ def test_child_run_is_nested_tagged_and_parametrised(plan, record):
     trial = make_trial(plan, "abc_00001", number=3)
     logger.on_trial_start(0, [], trial)
     logger.on_trial_result(0, [], trial, result(40, 0.3))  # the second evaluation: per-class metrics included
+    assert logger.flush(30) == []  # the hooks only queue; the writer thread talks to MLflow
     (run,) = children(record)
     tags, params = run.data.tags, run.data.params
     assert tags[TRIAL_ID] == "abc_00001" and tags["ltssl.optuna_trial"] == "3"
@@ -89,7 +90,7 @@ def test_retry_and_resume_reopen_the_same_run_without_duplicate_points(plan, rec
     logger.on_trial_start(0, [], trial)
     for step in (20, 40):
         logger.on_trial_result(0, [], trial, result(step, step / 100))
-    logger.on_experiment_end([trial])  # the sweep was interrupted
+    logger.on_experiment_end([trial])  # the sweep was interrupted (the end flushes the writer)
     (run,) = children(record)
     assert (run.info.status, run.data.tags[OUTCOME]) == ("KILLED", "interrupted")
 
@@ -100,10 +101,12 @@ def test_retry_and_resume_reopen_the_same_run_without_duplicate_points(plan, rec
     (art / "confusion_test.csv").write_text("1,0\n0,1\n")
     trial.checkpoint = tune.Checkpoint.from_directory(str(tmp_path / "ckpt"))
     resumed.on_trial_start(0, [], trial)
+    resumed.flush(30)
     assert MlflowClient(record.tracking_uri).get_run(run.info.run_id).info.status == "RUNNING"
     for step in (40, 60, 80):  # the restored trial re-runs the evaluation after its checkpoint (40)
         resumed.on_trial_result(0, [], trial, result(step, step / 100 + 0.001))
     resumed.on_trial_complete(0, [], trial)
+    resumed.flush(30)
 
     (run,) = children(record)  # still one run
     assert (run.info.status, run.data.tags[OUTCOME], run.data.tags[LAST_STEP]) == ("FINISHED", "finished", "80")
@@ -123,6 +126,7 @@ def test_per_class_metrics_every_kth_evaluation_and_the_last(plan, record):
     logger.on_trial_start(0, [], trial)
     for step in (20, 40, 60, 80):
         logger.on_trial_result(0, [], trial, result(step, 0.5))
+    logger.flush(30)
     (run,) = children(record)
     assert [s for s, _ in history(record, run.info.run_id, "val/balanced_acc")] == [20, 40, 60, 80]
     assert [s for s, _ in history(record, run.info.run_id, "val/recall/c03")] == [40, 80]  # per_class_every: 2
@@ -140,6 +144,7 @@ def test_statuses_and_leaderboard(plan, record):
     logger.on_trial_complete(0, [], pruned)  # ended at step 20 of 80: stopped by ASHA
     logger.on_trial_result(0, [], failed, result(20, 0.9))
     logger.on_trial_error(0, [], failed)
+    logger.flush(30)
 
     status = {r.data.tags[TRIAL_ID]: (r.info.status, r.data.tags[OUTCOME]) for r in children(record)}
     assert status == {
@@ -184,6 +189,7 @@ def test_a_duplicate_child_run_is_folded_into_the_one_with_the_records(plan, rec
     logger = MlflowTrialLogger(record)
     logger.on_trial_start(0, [], trial)
     logger.on_trial_result(0, [], trial, result(20, 0.3))
+    logger.flush(30)
     kept = logger._runs[trial.trial_id]
     client = MlflowClient(record.tracking_uri)
     tags = {k: v for k, v in client.get_run(kept).data.tags.items() if k.startswith(("ltssl.", "mlflow.parent"))}
@@ -191,6 +197,7 @@ def test_a_duplicate_child_run_is_folded_into_the_one_with_the_records(plan, rec
     duplicate = client.create_run(record.experiment_id, tags=tags).info.run_id
     fresh = MlflowTrialLogger(record)  # a resumed driver
     fresh.on_trial_result(0, [], trial, result(40, 0.4))
+    fresh.flush(30)
     assert fresh._runs[trial.trial_id] == kept
     assert [r.info.run_id for r in children(record)] == [kept]
     gone = client.get_run(duplicate)
