@@ -17,6 +17,7 @@ import re
 import subprocess
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from ray import tune
 
 from service import leaderboard, secrets
@@ -151,6 +153,7 @@ class MlflowTrialLogger(tune.Callback):
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._closing = False
+        self._bug: Exception | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {"record": self.record}
@@ -186,6 +189,8 @@ class MlflowTrialLogger(tune.Callback):
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         self._submit(self._do_experiment_end, [_view(t) for t in trials])
         left = self.flush(FLUSH_TIMEOUT_S)
+        if self._bug is not None:
+            raise RuntimeError("the MLflow writer failed (traceback above)") from self._bug
         n = max(len(self._runs), 1)
         print(
             f"[sweep] tracking: {self.busy_s:.2f} s of MLflow calls (in the writer thread, off Tune's loop) for "
@@ -240,6 +245,11 @@ class MlflowTrialLogger(tune.Callback):
                         print("[sweep] tracking: MLflow answers again; queued records are being written", flush=True)
                     break
                 except Exception as err:  # noqa: BLE001 - classified below
+                    if not isinstance(err, MlflowException) and not _transient(err):
+                        # a bug, not MLflow's answer: the sweep's end raises it
+                        traceback.print_exc()
+                        self._bug = self._bug or err
+                        break
                     if not _transient(err) or self._closing:
                         print(f"[sweep] tracking: MLflow refused a write ({task.__name__}): {err}", flush=True)
                         break
@@ -284,6 +294,22 @@ class MlflowTrialLogger(tune.Callback):
         self._record_where(trial, run_id, result)
         row = self._row(trial)
         row.metrics.update({k: float(v) for k, v in result.items() if _is_metric(k, v) and not PER_CLASS.search(k)})
+
+    def _record_where(self, trial: Any, run_id: str, result: dict) -> None:
+        """Tag the run with where the trial runs, when that changed (a first report, a retry on another node)."""
+        where = {tag: str(result[key]) for key, tag in WHERE_TAGS.items() if key in result}
+        if not where or self._where.get(trial.trial_id) == where:
+            return
+        # ltssl.nodes: every node the trial ran on, across retries and --resume (read back once per session)
+        nodes = self._nodes.get(trial.trial_id)
+        if nodes is None:
+            nodes = [n for n in self.client.get_run(run_id).data.tags.get(NODES, "").split(",") if n]
+        node = where.get(WHERE_TAGS["ray_node_id"])
+        if node and node not in nodes:
+            nodes.append(node)
+        tags = [RunTag(k, v) for k, v in {**where, NODES: ",".join(nodes)}.items()]
+        self.client.log_batch(run_id, tags=tags)
+        self._where[trial.trial_id], self._nodes[trial.trial_id] = where, nodes
 
     def _do_recover(self, trial: Any) -> None:
         run_id = self._run_of(trial)

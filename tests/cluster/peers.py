@@ -245,6 +245,12 @@ class MlflowServer:
         if self.proc is not None:
             _stop(self.proc)
 
+    def kill(self) -> None:
+        """Gone at once, as a crashed server or a lost machine (no graceful shutdown)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=20)
+
 
 @contextmanager
 def mlflow_server(tmp_path: Path, backend: str, s3_server: S3Server) -> Iterator[str]:

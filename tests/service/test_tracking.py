@@ -71,7 +71,8 @@ def test_child_run_is_nested_tagged_and_parametrised(plan, record):
     logger = MlflowTrialLogger(record)
     trial = make_trial(plan, "abc_00001", number=3)
     logger.on_trial_start(0, [], trial)
-    logger.on_trial_result(0, [], trial, result(40, 0.3))  # the second evaluation: per-class metrics included
+    where = {"ray_node_id": "node-a", "hostname": "gpu-7", "node_ip": "10.0.0.7", "gpu_model": "none"}
+    logger.on_trial_result(0, [], trial, {**result(40, 0.3), **where})  # second evaluation: per-class included
     assert logger.flush(30) == []  # the hooks only queue; the writer thread talks to MLflow
     (run,) = children(record)
     tags, params = run.data.tags, run.data.params
@@ -82,6 +83,7 @@ def test_child_run_is_nested_tagged_and_parametrised(plan, record):
     assert params["train.iterations"] == "80" and params["method.preset"] == "fixmatch_drw"
     assert "val/recall/c09" in run.data.metrics and "test/precision/c00" in run.data.metrics
     assert not {"training_iteration", "done", "pid", "step"} & set(run.data.metrics)
+    assert (tags["ltssl.node_id"], tags["ltssl.hostname"], tags["ltssl.nodes"]) == ("node-a", "gpu-7", "node-a")
 
 
 def test_retry_and_resume_reopen_the_same_run_without_duplicate_points(plan, record, tmp_path):
