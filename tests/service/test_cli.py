@@ -255,3 +255,11 @@ def test_a_storage_path_that_cannot_be_written_exits_2(tmp_path):
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     assert "storage.path /proc/ltssl-results cannot be written" in out.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["space.yaml"]
+
+
+@pytest.mark.parametrize("space", sorted(p.name for p in (REPO / "search_spaces").glob("*.yaml")))
+def test_every_shipped_space_passes_its_dry_run(tmp_path, space):
+    out = cli("--space", str(REPO / "search_spaces" / space), "--dry-run", cwd=tmp_path, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "Dry run: nothing was started or written." in out.stdout
+    assert list(tmp_path.iterdir()) == []
