@@ -135,16 +135,11 @@ def _read_token(path: str) -> str | None:
 def check_shared_storage(directory: Path, nodes: list[Node], source: str) -> None:
     """With several nodes, every node must see the driver's local `directory`: ConfigError naming those that don't.
 
-    Leaves nothing behind: the token file is removed, and so is `directory` if this check created it.
+    The directory exists already (the sweep lock made it, and removes it again when the sweep does not start); the
+    token file is removed.
     """
     if len(nodes) < 2:
         return
-    created = []
-    for parent in [directory, *directory.parents]:
-        if parent.exists():
-            break
-        created.append(parent)
-    directory.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex
     marker = directory / f".ltssl-shared-check-{token}"
     marker.write_text(token)
@@ -152,8 +147,6 @@ def check_shared_storage(directory: Path, nodes: list[Node], source: str) -> Non
         seen = _on_each(nodes, _read_token, str(marker))
     finally:
         marker.unlink(missing_ok=True)
-        for path in created:
-            path.rmdir()
     blind = [n for n in nodes if seen[n] != token]
     if blind:
         listing = "\n".join(f"  {n.describe()}" for n in blind)

@@ -63,13 +63,13 @@ class SweepLock:
         return {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
 
     def _lock_file(self, path: Path) -> None:
-        if any(p.is_file() for p in (path.parent, *path.parent.parents)):
-            return  # preflight reports a storage path that is a file
+        if path.parent.is_file():
+            raise ConfigError(f"{self.plan.source}: storage.path {self.plan.storage} is a file; it must be a directory")
         self._created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             handle = open(path, "a+")  # noqa: SIM115 - held open for the whole run
-        except OSError as err:  # read-only, full, or not a real directory (/proc, a mount that refuses)
+        except OSError as err:  # read-only, full, under a file, or not a real directory (/proc, a mount that refuses)
             raise ConfigError(
                 f"{self.plan.source}: storage.path {self.plan.storage} cannot be written ({err.strerror or err}: "
                 f"{err.filename or path}); choose a directory you can write to"

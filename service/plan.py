@@ -346,12 +346,12 @@ def _check_objectives(plan: Plan) -> list[str]:
             if name in valid or (classes is None and PER_CLASS_VAL.match(name)):
                 continue
             summary = sorted(k for k in valid if not PER_CLASS_VAL.match(k))
-            number = PER_CLASS_VAL.match(name)
-            if number and classes and int(name.rsplit("/c", 1)[1]) < classes:  # the class, padded as the keys are
-                close = [f"{name.rsplit('/', 1)[0]}/{class_key(int(name.rsplit('/c', 1)[1]), classes)}"]
+            if PER_CLASS_VAL.match(name):  # a class key: the same class, padded as the keys are, if it exists
+                family, number = name.rsplit("/c", 1)
+                close = [f"{family}/{class_key(int(number), classes)}"] if classes and int(number) < classes else []
             else:
-                close = [] if number else _close_names(name, summary)
-            last = f"c{classes - 1:0{max(2, len(str(classes - 1)))}d}" if classes else "cNN"
+                close = _close_names(name, summary)
+            last = class_key(classes - 1, classes) if classes else "cNN"
             problems.append(
                 f"search.metric: {name!r} is not a metric the trials report"
                 + (f"; did you mean {', '.join(map(repr, close))}?" if close else "")

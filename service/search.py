@@ -41,6 +41,7 @@ class SweepSearch(OptunaSearch):
         self._trial_sampler = TrialSampler(plan)
         self._final_steps: dict[str, int] = {}  # Tune trial id -> last training step of that trial
         self._reported: dict[str, int] = {}  # Tune trial id -> last step reported to Optuna
+        self._unchecked: set[str] = set()  # trials of a restored database study not yet checked against it
         super().__init__(
             space=self._trial_sampler,
             metric=metrics if len(metrics) > 1 else metrics[0],
@@ -68,11 +69,12 @@ class SweepSearch(OptunaSearch):
 
     def _finished_elsewhere(self, trial_id: str) -> bool:
         """Whether the study's database already holds this trial as finished although Tune's saved searcher state
-        does not: a driver that died after telling Optuna, before Tune's next snapshot. Its record stands."""
-        if self._storage_url is None or trial_id in self._completed_trials or trial_id not in self._ot_trials:
+        does not: a driver that died after telling Optuna, before Tune's next snapshot. Its record stands. Only a
+        trial this process got from a reconnected (restored) study can be one: each is looked up once."""
+        if trial_id not in self._unchecked:
             return False
-        trial = self._ot_trials[trial_id]
-        if not self._storage.get_trial(trial._trial_id).state.is_finished():
+        self._unchecked.discard(trial_id)
+        if not self._storage.get_trial(self._ot_trials[trial_id]._trial_id).state.is_finished():
             return False
         self._completed_trials.add(trial_id)
         return True
@@ -116,6 +118,7 @@ class SweepSearch(OptunaSearch):
             state["_storage"] = None
             state["_ot_study"] = None
             state["_ot_trials"] = {tid: trial._trial_id for tid, trial in self._ot_trials.items()}
+        state["_unchecked"] = set()  # rebuilt on reconnecting
         return state
 
     def _reconnect(self) -> None:
@@ -124,6 +127,7 @@ class SweepSearch(OptunaSearch):
         self._storage = optuna.storages.RDBStorage(secrets.reveal(self._storage_url))
         self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage, sampler=self._sampler)
         self._ot_trials = {tid: optuna.Trial(self._ot_study, trial_id) for tid, trial_id in self._ot_trials.items()}
+        self._unchecked = set(self._ot_trials) - self._completed_trials
 
     def __getstate__(self) -> dict[str, Any]:
         return self._portable_state()

@@ -314,19 +314,17 @@ class Resources(Frozen):
                 raise ValueError(f"custom resource {name!r}: amount {amount} must be above 0")
         return custom
 
-    def ray_request(self) -> dict[str, float]:
-        """Ray's names and units: CPU, GPU, memory (bytes) and the custom resources; zero amounts left out."""
-        request = {"CPU": self.cpu, "GPU": self.gpu, **self.custom}
-        if self.memory_gb is not None:
-            request["memory"] = self.memory_gb * 2**30
-        return {k: v for k, v in request.items() if v}
-
     def tune_request(self) -> dict[str, float]:
-        """The same request in `tune.with_resources`' spelling."""
+        """`tune.with_resources`' spelling: cpu, gpu, memory (bytes) and the custom resources."""
         request = {"cpu": self.cpu, "gpu": self.gpu, **self.custom}
         if self.memory_gb is not None:
             request["memory"] = self.memory_gb * 2**30
         return request
+
+    def ray_request(self) -> dict[str, float]:
+        """The same request in Ray's node-resource names (CPU, GPU), zero amounts left out."""
+        names = {"cpu": "CPU", "gpu": "GPU"}
+        return {names.get(k, k): v for k, v in self.tune_request().items() if v}
 
 
 class Tracking(Frozen):

@@ -22,10 +22,6 @@ if TYPE_CHECKING:
 SCHEMES = ("s3", "gs")  # object stores Ray Tune can keep a multi-node sweep in
 
 
-def endpoint_from_env() -> str | None:
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-
-
 @dataclass(frozen=True)
 class Location:
     uri: str  # an absolute local path, or scheme://bucket/prefix
@@ -49,6 +45,14 @@ class Location:
         scheme, rest = self.uri.split("://", 1)
         return Location(f"{scheme}://{rest.split('/', 1)[0]}", self.endpoint_url)
 
+    @property
+    def endpoint(self) -> str | None:
+        """The S3-compatible endpoint an s3:// location is reached at: `storage.endpoint_url`, else the environment's
+        AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL; None for AWS itself and for every other kind of location."""
+        if self.scheme != "s3":
+            return None
+        return self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
     def __truediv__(self, name: str) -> Location:
         return Location(f"{self.uri.rstrip('/')}/{name}", self.endpoint_url)
 
@@ -64,7 +68,7 @@ class Location:
         path = self.uri.split("://", 1)[1].rstrip("/")
         if self.scheme == "gs":
             return pyarrow.fs.GcsFileSystem(), path
-        endpoint = self.endpoint_url or endpoint_from_env()
+        endpoint = self.endpoint
         options: dict[str, str] = {}
         if endpoint:
             parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
@@ -117,7 +121,3 @@ class Location:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-
-    def delete(self) -> None:
-        fs, path = self.filesystem()
-        fs.delete_file(path)

@@ -24,7 +24,7 @@ import ray
 from mlflow import MlflowClient
 from ray import tune
 
-from service import cluster, secrets, storage
+from service import cluster, secrets
 from service.console import TrialEvents
 from service.plan import Plan, anchor_paths
 from service.search import build_scheduler, build_searcher
@@ -64,18 +64,9 @@ def preflight(plan: Plan, resume: bool) -> dict[str, Any] | None:
     """Checks that need no Ray or MLflow; returns the stored record when resuming. Raises ConfigError."""
     where = plan.sweep_location
     try:
-        if not plan.storage.remote:
-            local = Path(plan.storage.uri)
-            if local.is_file():
-                raise ConfigError(f"{plan.source}: storage.path {plan.storage} is a file; it must be a directory")
-            existing = next(p for p in (local, *local.parents) if p.exists())
-            if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-                raise ConfigError(
-                    f"{plan.source}: storage.path {plan.storage} cannot be written ({existing} is not a writable "
-                    "directory); choose a directory you can write to"
-                )
+        # a local storage path was created (or found unwritable) by the sweep lock, which runs first
         if plan.storage.remote and not plan.storage.bucket.exists():
-            endpoint = plan.storage.endpoint_url or storage.endpoint_from_env()
+            endpoint = plan.storage.endpoint
             raise ConfigError(
                 f"{plan.source}: storage.path {plan.storage}: bucket {plan.storage.bucket} does not exist"
                 + (f" at {endpoint}" if endpoint else "")
@@ -176,7 +167,7 @@ def _store_problem(url: str) -> str | None:
 
 def start_parent(plan: Plan) -> SweepRecord:
     client = MlflowClient(plan.tracking_uri)
-    safe_uri = secrets.remember(plan.tracking_uri)
+    safe_uri = secrets.redact(plan.tracking_uri)  # run() has remembered the real one for this process
     experiment = client.get_experiment_by_name(plan.mlflow_experiment)
     if experiment is not None and experiment.lifecycle_stage == "deleted":
         raise ConfigError(

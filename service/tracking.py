@@ -120,18 +120,19 @@ def _view(trial: Any) -> SimpleNamespace:
     )
 
 
-def _transient(err: Exception) -> bool:
-    """A failure that waiting can cure: the server or the database is down or restarting, a connection dropped."""
+def _failure_kind(err: Exception) -> str:
+    """ "retry": waiting can cure it (the server or the database is down or restarting, a connection dropped);
+    "refused": MLflow's answer to this write; "bug": anything else, which the sweep's end raises."""
     import requests
     import sqlalchemy.exc
 
-    if isinstance(err, OSError | requests.RequestException | sqlalchemy.exc.OperationalError | TimeoutError):
-        return True
-    text = str(err)
-    return any(
-        marker in text
-        for marker in ("API request to", "Max retries exceeded", "Connection refused", "503", "502", "504")
-    )
+    if isinstance(err, OSError | requests.RequestException | sqlalchemy.exc.OperationalError):
+        return "retry"
+    if isinstance(err, MlflowException):
+        # MLflow wraps a connection that failed all its own retries, and a gateway's 502/503/504, in its exception
+        unreachable = err.get_http_status_code() in (502, 503, 504) or "Max retries exceeded" in str(err)
+        return "retry" if unreachable else "refused"
+    return "bug"
 
 
 class MlflowTrialLogger(tune.Callback):
@@ -236,34 +237,38 @@ class MlflowTrialLogger(tune.Callback):
     def _drain(self) -> None:
         while True:
             task, args = self._queue.get()
-            delay, warned = 1.0, False
-            while True:
-                try:
-                    started = time.perf_counter()
-                    task(*args)
-                    self.busy_s += time.perf_counter() - started
-                    if warned:
-                        print("[sweep] tracking: MLflow answers again; queued records are being written", flush=True)
-                    break
-                except Exception as err:  # noqa: BLE001 - classified below
-                    if not isinstance(err, MlflowException) and not _transient(err):
-                        # a bug, not MLflow's answer: the sweep's end raises it
-                        traceback.print_exc()
-                        self._bug = self._bug or err
-                        break
-                    if not _transient(err) or self._closing:
-                        print(f"[sweep] tracking: MLflow refused a write ({task.__name__}): {err}", flush=True)
-                        break
-                    if not warned:
-                        print(
-                            f"[sweep] tracking: MLflow unreachable ({type(err).__name__}); training goes on, records "
-                            f"wait in a queue ({self._queue.qsize()} more) and are retried",
-                            flush=True,
-                        )
-                        warned = True
-                    time.sleep(delay)
-                    delay = min(delay * 2, MAX_RETRY_DELAY_S)
+            self._run_task(task, args)
             self._queue.task_done()
+
+    def _run_task(self, task: Callable, args: tuple) -> None:
+        """Run one write, retrying it with back-off while MLflow is unreachable (until the sweep's end gives up)."""
+        delay, warned = 1.0, False
+        while True:
+            try:
+                started = time.perf_counter()
+                task(*args)
+                self.busy_s += time.perf_counter() - started
+                if warned:
+                    print("[sweep] tracking: MLflow answers again; queued records are being written", flush=True)
+                return
+            except Exception as err:  # noqa: BLE001 - classified by _failure_kind
+                kind = _failure_kind(err)
+                if kind == "bug":
+                    traceback.print_exc()
+                    self._bug = self._bug or err
+                    return
+                if kind == "refused" or self._closing:
+                    print(f"[sweep] tracking: MLflow refused a write ({task.__name__}): {err}", flush=True)
+                    return
+                if not warned:
+                    print(
+                        f"[sweep] tracking: MLflow unreachable ({type(err).__name__}); training goes on, records "
+                        f"wait in a queue ({self._queue.qsize()} more) and are retried",
+                        flush=True,
+                    )
+                    warned = True
+                time.sleep(delay)
+                delay = min(delay * 2, MAX_RETRY_DELAY_S)
 
     # ---- the work, in the writer thread ------------------------------------------------------------------------
 

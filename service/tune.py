@@ -19,7 +19,6 @@ import yaml
 from service.plan import Plan, load_plan
 from service.secrets import redact, redact_text
 from service.space import Asha, Resources, describe, json_schema
-from service.storage import endpoint_from_env
 from trainables.config import ConfigError
 
 DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "quickstart.yaml"
@@ -89,12 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {redact_text(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM before Tune took over (or a second one after)
-        again = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--resume"] + ["--resume"]
-        print(
-            "\nInterrupted. If the sweep had started, resume it with: python -m service.tune "
-            + redact_text(shlex.join(again)),
-            file=sys.stderr,
-        )
+        command = resume_command(argv if argv is not None else sys.argv[1:])
+        print(f"\nInterrupted. If the sweep had started, resume it with: {command}", file=sys.stderr)
         return 130
     print(render_outcome(plan, outcome, argv if argv is not None else sys.argv[1:]))
     if outcome.counts.get("failed", 0) == plan.num_trials:
@@ -102,11 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if outcome.complete or outcome.time_budget_hit else sweep.INTERRUPTED
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command that resumes the sweep `argv` started, passwords masked."""
+    again = [a for a in argv if a != "--resume"] + ["--resume"]
+    return "python -m service.tune " + redact_text(shlex.join(again))
+
+
 def render_plan(plan: Plan, samples: int) -> str:
     from service.sampling import sample_configs
 
     spec, search = plan.spec, plan.spec.search
-    endpoint = (plan.storage.endpoint_url or endpoint_from_env()) if plan.storage.scheme == "s3" else None
+    endpoint = plan.storage.endpoint
     lines = [f"Sweep {plan.sweep_name}  ({plan.source}, space hash {plan.space_hash[:12]})"]
     if spec.description:
         lines.append(f"  {spec.description}")
@@ -167,8 +168,7 @@ def render_outcome(plan: Plan, outcome: Any, argv: list[str]) -> str:
     if outcome.time_budget_hit and not outcome.complete:
         lines.append(f"The time budget of {plan.spec.search.time_budget_s:g} s ended the sweep.")
     elif not outcome.complete:
-        again = [a for a in argv if a != "--resume"] + ["--resume"]
-        lines.append(f"Interrupted. Resume with: python -m service.tune {redact_text(shlex.join(again))}")
+        lines.append(f"Interrupted. Resume with: {resume_command(argv)}")
     lines.append(f"Leaderboard: artifact leaderboard.md of the parent run {record.parent_run_id}")
     lines.append("Open the MLflow UI on the experiment:")
     uri = record.tracking_uri

@@ -72,6 +72,16 @@ class ImageFolderConfig(Frozen):
     image_size: int = Field(224, ge=16, le=512)
 
 
+def balanced_per_class(total: int, num_classes: int, what: str = "val_size") -> int:
+    """`total` images spread evenly over C classes; a total that does not divide is refused, not rounded."""
+    if total % num_classes != 0:
+        raise ValueError(
+            f"{what}={total} is not a multiple of the {num_classes} classes; the carve-out is "
+            f"class-balanced, e.g. {what}={(total // num_classes) * num_classes or num_classes}"
+        )
+    return total // num_classes
+
+
 class DataConfig(Frozen):
     dataset: DatasetName = "synthetic"
     root: str = "data"
@@ -99,6 +109,19 @@ class DataConfig(Frozen):
             return self.synthetic.num_classes
         return DATASET_CLASSES.get(self.dataset)
 
+    @property
+    def val_per_class(self) -> int | None:
+        """Validation images per class: `val_size` spread over the classes, else the data set's default carve-out
+        (10 % of the synthetic pool; CIFAR 5000, STL-10 500 in all). None for an image folder (its own list)."""
+        classes = self.num_classes
+        if classes is None:
+            return None
+        if self.val_size is not None:
+            return balanced_per_class(self.val_size, classes)
+        if self.dataset == "synthetic":
+            return self.synthetic.pool_per_class // 10
+        return DEFAULT_VAL_SIZE[self.dataset] // classes
+
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
         if isinstance(self.gamma_u, float) and self.gamma_u < 1.0:
@@ -116,20 +139,13 @@ class DataConfig(Frozen):
     def _check_pool(self) -> None:
         """The split must fit the per-class pool of train images: val + n1 (+ m1 where the unlabeled images come
         from the same pool), known before any file is read."""
-        classes = self.num_classes
-        if classes is None:
+        val = self.val_per_class
+        if val is None:
             return  # an image folder's lists decide
-        if self.val_size is not None and self.val_size % classes:
-            raise ValueError(
-                f"val_size={self.val_size} is not a multiple of the {classes} classes; the carve-out is "
-                f"class-balanced, e.g. val_size={(self.val_size // classes) * classes or classes}"
-            )
         if self.dataset == "synthetic":
             pool, what = self.synthetic.pool_per_class, "synthetic.pool_per_class"
-            val = pool // 10 if self.val_size is None else self.val_size // classes
         else:
             pool, what = TRAIN_PER_CLASS[self.dataset], f"{self.dataset}'s train images per class"
-            val = (self.val_size or DEFAULT_VAL_SIZE[self.dataset]) // classes
         m1 = 0 if self.dataset == "stl10" else self.m1  # STL-10's unlabeled images are a split of their own
         if val + self.n1 + m1 > pool:
             raise ValueError(

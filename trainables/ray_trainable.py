@@ -7,7 +7,7 @@ checkpoint directory when one was written. The last evaluation is reported once 
 checkpoint also carries the final per-class table and confusion matrix (`artifacts/`) and the run's own records
 (`metrics.jsonl`, `counts.json`, `config.json`): Tune persists every checkpoint to the sweep's storage (a shared
 directory or an object store), so the driver's MLflow logger reads them from there wherever the trial ran, and the
-trial's folder in storage holds its whole run. Every report also says where the trial ran (`WHERE_KEYS`).
+trial's folder in storage holds its whole run. Every report also says where the trial ran (`where_running`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ SERVICE_KEY = "service"  # the Tune config's metadata entry (written by service/
 ARTIFACTS = "artifacts"  # the loop's final tables, under out_dir and inside the last Tune checkpoint
 RUN_RECORDS = ("metrics.jsonl", "counts.json", "config.json")  # the loop's files that go with the last checkpoint
 DIVERGED = "diverged"  # result key of a trial whose training diverged: the reason; no metrics come with it
-WHERE_KEYS = ("ray_node_id", "gpu_model", "code_path")  # string result entries; Tune adds hostname and node_ip
 
 
 def run_trial(config: dict[str, Any]) -> None:

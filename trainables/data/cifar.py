@@ -22,16 +22,15 @@ import numpy as np
 from filelock import FileLock
 from torchvision import datasets
 
-from trainables.config import DEFAULT_VAL_SIZE, DataConfig
+from trainables.config import DataConfig
 from trainables.data.base import ImageSet, SSLData
-from trainables.data.splits import balanced_per_class, split_pool
+from trainables.data.splits import split_pool
 
 # Per-channel statistics of the 50k training images on [0, 1] (the constants FixMatch and DASO use).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
-CIFAR_VAL_SIZE = DEFAULT_VAL_SIZE["cifar10"]  # the reference's carve-out: 500 per class (CIFAR-10), 50 (CIFAR-100)
 
 # An offline node that drops packets would otherwise hold urllib (no timeout) for minutes per attempt.
 PROBE_TIMEOUT_S = 5.0
@@ -124,8 +123,7 @@ def _build_cifar(cfg: DataConfig, cls: type, name: str, mean: tuple, std: tuple)
     num_classes = len(train.classes)
     images = np.ascontiguousarray(train.data)  # uint8 (50000, 32, 32, 3)
     labels = np.asarray(train.targets, dtype=np.int64)
-    val_size = CIFAR_VAL_SIZE if cfg.val_size is None else cfg.val_size
-    parts = split_pool(images, labels, num_classes, cfg, balanced_per_class(val_size, num_classes))
+    parts = split_pool(images, labels, num_classes, cfg, cfg.val_per_class)  # default: 500 (CIFAR-10), 50 per class
     return SSLData(
         labeled=parts["labeled"],
         unlabeled_images=parts["unlabeled"].images,

@@ -102,16 +102,6 @@ def split_ssl(
     return {name: np.concatenate(chunks).astype(np.int64) for name, chunks in parts.items()}
 
 
-def balanced_per_class(total: int, num_classes: int, what: str = "val_size") -> int:
-    """`total` images spread evenly over C classes; a total that does not divide is refused, not rounded."""
-    if total % num_classes != 0:
-        raise ValueError(
-            f"{what}={total} is not a multiple of the {num_classes} classes; the carve-out is "
-            f"class-balanced, e.g. {what}={(total // num_classes) * num_classes}"
-        )
-    return total // num_classes
-
-
 def split_pool(
     images: np.ndarray,
     labels: np.ndarray,

@@ -16,15 +16,14 @@ from pathlib import Path
 import numpy as np
 from torchvision import datasets
 
-from trainables.config import DEFAULT_VAL_SIZE, DataConfig
+from trainables.config import DataConfig
 from trainables.data.base import ImageSet, SSLData
 from trainables.data.cifar import DatasetNotFoundError, open_torchvision_dataset
-from trainables.data.splits import balanced_per_class, split_pool
+from trainables.data.splits import split_pool
 
 # Per-channel statistics of STL-10 on [0, 1] (112.4, 109.1, 98.6) / 255 and (68.4, 66.6, 68.5) / 255.
 STL10_MEAN = (0.4408, 0.4278, 0.3867)
 STL10_STD = (0.2682, 0.2612, 0.2686)
-STL10_VAL_SIZE = DEFAULT_VAL_SIZE["stl10"]  # 50 per class, leaving 450 per class: N1 in {150, 450} fits
 STL10_MODEL_SIZE = 32
 IMAGE_BYTES = 3 * 96 * 96
 
@@ -70,8 +69,8 @@ def build_stl10(cfg: DataConfig) -> SSLData:
     # torchvision already swapped the column-major axes: its data is (N, 3, H, W)
     images = np.ascontiguousarray(train.data.transpose(0, 2, 3, 1))  # uint8 (5000, 96, 96, 3)
     labels = train.labels.astype(np.int64)
-    val_size = STL10_VAL_SIZE if cfg.val_size is None else cfg.val_size
-    parts = split_pool(images, labels, num_classes, cfg, balanced_per_class(val_size, num_classes), unlabeled=False)
+    # default: 50 per class, leaving 450 per class: N1 in {150, 450} fits
+    parts = split_pool(images, labels, num_classes, cfg, cfg.val_per_class, unlabeled=False)
     unlabeled = unlabeled_images(cfg.root)
     return SSLData(
         labeled=parts["labeled"],

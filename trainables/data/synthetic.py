@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from trainables.config import DataConfig
 from trainables.data.base import ImageSet, SSLData
-from trainables.data.splits import balanced_per_class, split_pool
+from trainables.data.splits import split_pool
 
 SHAPES = ("disc", "ring", "square", "triangle", "cross")
 FILLS = ("solid", "stripes", "checker", "rings", "speckle")
@@ -265,8 +265,7 @@ def build_synthetic(cfg: DataConfig) -> SSLData:
     """
     spec = cfg.synthetic
     num_classes, pool = spec.num_classes, spec.pool_per_class
-    # DataConfig has checked that val + n1 + m1 fits the pool
-    val_per_class = pool // 10 if cfg.val_size is None else balanced_per_class(cfg.val_size, num_classes)
+    val_per_class = cfg.val_per_class  # DataConfig has checked that val + n1 + m1 fits the pool
     labels = np.repeat(np.arange(num_classes), pool)
     images = render(labels, num_classes, spec.image_size, (cfg.seed, 0))
     test_labels = np.repeat(np.arange(num_classes), spec.test_per_class)

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from trainables.data.splits import balanced_per_class, long_tailed_counts, split_ssl, unlabeled_counts
+from trainables.config import balanced_per_class
+from trainables.data.splits import long_tailed_counts, split_ssl, unlabeled_counts
 
 
 def test_cifar10_profile_matches_the_papers():
