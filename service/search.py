@@ -42,6 +42,8 @@ class SweepSearch(OptunaSearch):
         self._final_steps: dict[str, int] = {}  # Tune trial id -> last training step of that trial
         self._reported: dict[str, int] = {}  # Tune trial id -> last step reported to Optuna
         self._unchecked: set[str] = set()  # trials of a restored database study not yet checked against it
+        self._orphans: list[int] = []  # RUNNING Optuna trials (storage ids) of a restored study that no Tune trial owns
+        self._num_trials = plan.num_trials
         super().__init__(
             space=self._trial_sampler,
             metric=metrics if len(metrics) > 1 else metrics[0],
@@ -55,7 +57,15 @@ class SweepSearch(OptunaSearch):
     def study(self) -> optuna.Study:
         return self._ot_study
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if trial_id not in self._ot_trials and self._storage_url is not None:
+            if self._orphans:
+                # a trial the study handed out after Tune's last snapshot, cut by the driver's death: this Tune trial
+                # takes it over (same Optuna number and values, so the same MLflow run) instead of asking for another
+                self._ot_trials[trial_id] = optuna.Trial(self._ot_study, self._orphans.pop(0))
+            elif len(self._ot_study.get_trials(deepcopy=False)) >= self._num_trials:
+                # trials that finished after Tune's last snapshot count: the study has every planned trial
+                return Searcher.FINISHED
         drawn = super().suggest(trial_id)
         if drawn is None:
             return None
@@ -119,6 +129,7 @@ class SweepSearch(OptunaSearch):
             state["_ot_study"] = None
             state["_ot_trials"] = {tid: trial._trial_id for tid, trial in self._ot_trials.items()}
         state["_unchecked"] = set()  # rebuilt on reconnecting
+        state["_orphans"] = []
         return state
 
     def _reconnect(self) -> None:
@@ -128,6 +139,9 @@ class SweepSearch(OptunaSearch):
         self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage, sampler=self._sampler)
         self._ot_trials = {tid: optuna.Trial(self._ot_study, trial_id) for tid, trial_id in self._ot_trials.items()}
         self._unchecked = set(self._ot_trials) - self._completed_trials
+        owned = {trial._trial_id for trial in self._ot_trials.values()}
+        running = self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        self._orphans = sorted(t._trial_id for t in running if t._trial_id not in owned)
 
     def __getstate__(self) -> dict[str, Any]:
         return self._portable_state()

@@ -102,6 +102,10 @@ class Location:
         infos = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
         return sorted(i.base_name for i in infos if i.type == pyarrow.fs.FileType.Directory)
 
+    def remove_tree(self) -> None:
+        fs, path = self.filesystem()
+        fs.delete_dir(path)
+
     def read_text(self) -> str:
         fs, path = self.filesystem()
         with fs.open_input_stream(path) as f:

@@ -9,6 +9,7 @@ a changed space has another hash, so it never silently continues an old study.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -20,8 +21,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import optuna
 import ray
 from mlflow import MlflowClient
+from mlflow.entities import RunTag
 from ray import tune
 
 from service import cluster, secrets
@@ -31,7 +34,9 @@ from service.search import build_scheduler, build_searcher
 from service.space import describe
 from service.tracking import (
     COMMIT,
+    LOST,
     OUTCOME,
+    PARENT,
     ROLE,
     SPACE_HASH,
     SWEEP,
@@ -74,7 +79,12 @@ def preflight(plan: Plan, resume: bool) -> dict[str, Any] | None:
             )
         exists = where.exists()
         record = where / RECORD_FILE
-        has_record = resume and record.is_file()
+        has_record = (resume or exists) and record.is_file()
+        if exists and not has_record and not resume:
+            # what a start that died before writing the record left (Tune's tuner.pkl): no trial ever ran from it,
+            # so a new start replaces it (its parent run, childless, is taken over by start_parent)
+            where.remove_tree()
+            exists = False
         has_tune_state = has_record and (where / TUNE_STATE).is_file()
         others = [] if has_record or not resume else plan.storage.subdirs()
     except OSError as err:  # an unreachable object store, missing credentials, a bucket that does not exist
@@ -186,8 +196,12 @@ def start_parent(plan: Plan) -> SweepRecord:
         "ltssl.objectives": ", ".join(f"{m} ({d})" for m, d in zip(metrics, modes, strict=True)),
         "mlflow.note.content": plan.spec.description or f"Sweep {plan.sweep_name} from {plan.source.name}",
     }
-    run = client.create_run(experiment_id, run_name=plan.sweep_name, tags=tags)
-    run_id = run.info.run_id
+    run_id = _unrecorded_parent(client, experiment_id, plan)
+    if run_id is None:
+        run_id = client.create_run(experiment_id, run_name=plan.sweep_name, tags=tags).info.run_id
+    else:  # a driver died between creating the parent run and writing the sweep's record: take that run over
+        client.update_run(run_id, status="RUNNING")
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     log_params(client, run_id, plan_params(plan))
     client.log_text(run_id, secrets.redact_text(plan.source.read_text()), f"space/{plan.source.name}")
     client.log_dict(run_id, plan.frozen_fields(), "space/resolved_plan.json")
@@ -201,6 +215,21 @@ def start_parent(plan: Plan) -> SweepRecord:
         objectives=tuple(plan.spec.search.objectives),
         per_class_every=plan.spec.tracking.per_class_every,
     )
+
+
+def _unrecorded_parent(client: MlflowClient, experiment_id: str, plan: Plan) -> str | None:
+    """The parent run of this sweep that no record points to: the sweep's folder has no record (preflight checked)
+    and the run has no child run, i.e. no trial ever started. A parent with children belongs to a sweep whose folder
+    was removed on purpose, and stays as it is."""
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{ROLE}` = 'sweep' AND tags.`{SWEEP}` = '{plan.sweep_name}'",
+        max_results=50,
+    )
+    for run in found:
+        if not client.search_runs([experiment_id], f"tags.`{PARENT}` = '{run.info.run_id}'", max_results=1):
+            return run.info.run_id
+    return None
 
 
 def plan_params(plan: Plan) -> dict[str, str]:
@@ -265,6 +294,13 @@ def run(plan: Plan, stored: dict[str, Any] | None, address: str | None) -> Outco
         if stored is None:
             write_record(plan, record)
         tuner.fit()
+    except RestoreFailed as err:
+        # nothing ran: the records stay as the interrupted sweep left them
+        terminal(client_for(record), record.parent_run_id, "KILLED", "interrupted")
+        raise RestoreFailed(
+            f"{plan.source}: --resume stopped: {err}. Nothing was run or changed; the sweep's folder is "
+            f"{plan.sweep_location}"
+        ) from None
     except KeyboardInterrupt:  # a second Ctrl-C: Tune's own handler took the first one
         if record is not None:
             terminal(client_for(record), record.parent_run_id, "KILLED", "interrupted")
@@ -276,10 +312,65 @@ def run(plan: Plan, stored: dict[str, Any] | None, address: str | None) -> Outco
     finally:
         ray.shutdown()
     outcome = summarize(plan, record, time.monotonic() - started)
+    if outcome.complete or outcome.time_budget_hit:
+        close_stale(plan, record, "time budget" if not outcome.complete else LOST)
+        outcome = summarize(plan, record, time.monotonic() - started)
     status = "FINISHED" if outcome.complete or outcome.time_budget_hit else "KILLED"
     summary = "finished" if outcome.complete else "time budget" if outcome.time_budget_hit else "interrupted"
     terminal(client_for(record), record.parent_run_id, status, summary)
     return outcome
+
+
+def close_stale(plan: Plan, record: SweepRecord, outcome: str) -> None:
+    """At a sweep's end (every trial ended, or the time budget is spent), nothing stays RUNNING: child runs still
+    open and, with the study in a database, Optuna trials still RUNNING (which TPE's constant liar would keep
+    treating as in flight) are closed, as `time budget` (cut by it) or `lost` (no trial of the sweep took them
+    over). An in-memory study lives in Tune's saved state and ends with it."""
+    client = client_for(record)
+    why = "cut by the sweep's time budget" if outcome != LOST else "no trial of the resumed sweep took it over"
+    for run in children(client, record):
+        if run.data.tags.get(OUTCOME, "running") in ("running", "interrupted"):
+            client.set_tag(run.info.run_id, "mlflow.note.content", f"Ended: {why}.")
+            terminal(client, run.info.run_id, "KILLED", outcome)
+    if plan.optuna_storage is None:
+        return
+    study = optuna.load_study(study_name=plan.sweep_name, storage=plan.optuna_storage)
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        live = optuna.Trial(study, trial._trial_id)  # a FrozenTrial's storage id: Optuna has no public accessor
+        live.set_user_attr("ltssl_outcome", outcome)
+        study.tell(live, state=optuna.trial.TrialState.FAIL)
+
+
+class RestoreFailed(ConfigError):
+    """Tune could not load the sweep's saved state on --resume (it would start the sweep over instead)."""
+
+
+class _RestoreWatch(logging.Handler):
+    """Tune logs a failed restore of its saved state and then starts the whole experiment over, under the same
+    parent run; this notes the failure so that `RestoreGuard` stops the sweep before any trial starts."""
+
+    MESSAGE = "Failed to restore the run state"
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.failure: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith(self.MESSAGE) and self.failure is None:
+            error = record.exc_info[1] if record.exc_info else None
+            self.failure = f"{type(error).__name__}: {error}" if error else record.getMessage()
+
+
+RESTORE_WATCH = _RestoreWatch()
+logging.getLogger("ray.tune.execution.tune_controller").addHandler(RESTORE_WATCH)
+
+
+class RestoreGuard(tune.Callback):
+    """Stops a resumed sweep whose saved Tune state did not load (see `_RestoreWatch`), before any trial starts."""
+
+    def setup(self, **info: Any) -> None:
+        if RESTORE_WATCH.failure is not None:
+            raise RestoreFailed(f"Ray Tune could not load the sweep's saved state: {RESTORE_WATCH.failure}")
 
 
 def _stop_gracefully(signum: int, frame: Any) -> None:
@@ -333,7 +424,7 @@ def _tuner(plan: Plan, record: SweepRecord, logger: MlflowTrialLogger, restore: 
             name=plan.sweep_name,
             storage_path=path,
             storage_filesystem=filesystem,
-            callbacks=[logger, TrialEvents()],
+            callbacks=[RestoreGuard(), logger, TrialEvents()],
             failure_config=tune.FailureConfig(max_failures=search.max_failures),
             # two, so the one a retry restores from is never the one being replaced
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),

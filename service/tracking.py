@@ -40,6 +40,7 @@ COMMIT = "mlflow.source.git.commit"
 ROLE, SWEEP, SPACE_HASH = "ltssl.role", "ltssl.sweep", "ltssl.space_hash"
 TRIAL_ID, OPTUNA_TRIAL, PRESET = "ltssl.tune_trial_id", "ltssl.optuna_trial", "ltssl.preset"
 OUTCOME, LAST_STEP, RETRIES = "ltssl.outcome", "ltssl.last_step", "ltssl.retries"
+LOST = "lost"  # the outcome of a run whose trial no resumed sweep could take over (see _run_of)
 #: where the trial ran (its latest attempt), from the trainable's reports; `ltssl.nodes` lists every node it ran on
 WHERE_TAGS = {
     "ray_node_id": "ltssl.node_id",
@@ -360,32 +361,46 @@ class MlflowTrialLogger(tune.Callback):
         tid = trial.trial_id
         if tid in self._runs:
             return self._runs[tid]
-        found = self._runs_of(tid)
+        found = self._runs_of(trial)
+        if found and _sampled(found[0]) and _sampled(found[0]) != _sampled(trial):
+            # the same Optuna number with other values: a study kept in Tune's state (no database) handed the number
+            # out again after the driver died before its next snapshot; the old run's trial is gone for good
+            self._lose(found[0].info.run_id, "its trial was started after the sweep's last saved state and the "
+                       "driver died; the resumed sweep gave its Optuna number to another trial")
+            found = []
         if found:
             run = found[0]
             run_id = run.info.run_id
+            tags = [RunTag(OUTCOME, "running")]
+            if run.data.tags.get(TRIAL_ID) != tid:  # a resumed sweep's new Tune trial took over an orphaned trial
+                tags.append(RunTag(TRIAL_ID, tid))
             if run.info.status != "RUNNING":
                 self.client.update_run(run_id, status="RUNNING")
-            self.client.set_tag(run_id, OUTCOME, "running")
+            self.client.log_batch(run_id, tags=tags)
+            if not run.data.params:  # the driver died between creating the run and logging its params
+                self._log_trial_params(trial, run_id)
             self._last_step[tid] = int(run.data.tags.get(LAST_STEP, "-1"))
         else:
             run_id = self._create(trial)
             self._last_step[tid] = -1
             # a create whose response was lost and retried by the client made two runs: keep one
-            kept = self._runs_of(tid)
+            kept = self._runs_of(trial)
             run_id = kept[0].info.run_id if kept else run_id
         self._runs[tid] = run_id
         self._ended.discard(tid)
         return run_id
 
-    def _runs_of(self, tid: str) -> list[Any]:
-        """The trial's child run, as a one-element list (empty when none exists). Should MLflow hold several (a
-        create request retried after its response was lost), the one with the most evaluations stays and the
-        others are deleted (MLflow's soft delete: restorable) with a tag naming the one kept."""
+    def _runs_of(self, trial: Any) -> list[Any]:
+        """The trial's child run, as a one-element list (empty when none exists), found by the trial's Optuna number:
+        the sweep's own id for a trial, which a Tune trial of a resumed sweep may take over. Should MLflow hold
+        several (a create request retried after its response was lost), the one with the most evaluations stays and
+        the others are deleted (MLflow's soft delete: restorable) with a tag naming the one kept."""
+        number = trial.config[SERVICE_KEY]["optuna_trial"]
         found = list(
             self.client.search_runs(
                 [self.record.experiment_id],
-                filter_string=f"tags.`{PARENT}` = '{self.record.parent_run_id}' AND tags.`{TRIAL_ID}` = '{tid}'",
+                filter_string=f"tags.`{PARENT}` = '{self.record.parent_run_id}' AND tags.`{OPTUNA_TRIAL}` = '{number}'"
+                f" AND tags.`{OUTCOME}` != '{LOST}'",
                 max_results=50,
             )
         )
@@ -410,9 +425,16 @@ class MlflowTrialLogger(tune.Callback):
             OUTCOME: "running",
         }
         run = self.client.create_run(self.record.experiment_id, run_name=meta["run_name"], tags=tags)
-        sampled = {f"sampled/{k}": v if isinstance(v, str) else json.dumps(v) for k, v in meta["params"].items()}
-        log_params(self.client, run.info.run_id, {**flatten(run_config), **sampled})
+        self._log_trial_params(trial, run.info.run_id)
         return run.info.run_id
+
+    def _log_trial_params(self, trial: Any, run_id: str) -> None:
+        run_config = {k: v for k, v in trial.config.items() if k != SERVICE_KEY}
+        log_params(self.client, run_id, {**flatten(run_config), **_sampled(trial)})
+
+    def _lose(self, run_id: str, why: str) -> None:
+        self.client.set_tag(run_id, "mlflow.note.content", f"Lost: {why}.")
+        terminal(self.client, run_id, "KILLED", LOST)
 
     def _end(self, trial: Any, status: str, outcome: str) -> None:
         terminal(self.client, self._runs[trial.trial_id], status, outcome)
@@ -424,9 +446,10 @@ class MlflowTrialLogger(tune.Callback):
 
     def _row(self, trial: Any) -> Row:
         rows = self._leaderboard_rows()
-        if trial.trial_id not in rows:
-            meta = trial.config[SERVICE_KEY]
-            rows[trial.trial_id] = Row(
+        meta = trial.config[SERVICE_KEY]
+        key = str(meta["optuna_trial"])  # a Tune trial of a resumed sweep may take over a trial (and its row)
+        if key not in rows or rows[key].run_id != self._runs[trial.trial_id]:
+            rows[key] = Row(
                 run_id=self._runs[trial.trial_id],
                 name=meta["run_name"],
                 trial_id=trial.trial_id,
@@ -434,14 +457,17 @@ class MlflowTrialLogger(tune.Callback):
                 outcome="running",
                 params={k: str(v) for k, v in meta["params"].items()},
             )
-        return rows[trial.trial_id]
+        rows[key].trial_id = trial.trial_id
+        return rows[key]
 
     def _leaderboard_rows(self) -> dict[str, Row]:
         if self._rows is None:
             self._rows = {}
             for run in children(self.client, self.record):
                 tags = run.data.tags
-                self._rows[tags[TRIAL_ID]] = Row(
+                if tags.get(OUTCOME) == LOST:
+                    continue
+                self._rows[tags.get(OPTUNA_TRIAL, tags[TRIAL_ID])] = Row(
                     run_id=run.info.run_id,
                     name=run.info.run_name,
                     trial_id=tags[TRIAL_ID],
@@ -485,6 +511,14 @@ def children(client: MlflowClient, record: SweepRecord) -> Iterator[Any]:
         token = page.token
         if not token:
             return
+
+
+def _sampled(item: Any) -> dict[str, str]:
+    """The sampled values of a trial (a Tune trial's view) or of a child run, as MLflow's params hold them."""
+    if hasattr(item, "config"):
+        values = item.config[SERVICE_KEY]["params"]
+        return {f"sampled/{k}": v if isinstance(v, str) else json.dumps(v) for k, v in values.items()}
+    return {k: v for k, v in item.data.params.items() if k.startswith("sampled/")}
 
 
 def _is_metric(key: str, value: Any) -> bool:
