@@ -140,8 +140,15 @@ class SweepSearch(OptunaSearch):
         self._ot_trials = {tid: optuna.Trial(self._ot_study, trial_id) for tid, trial_id in self._ot_trials.items()}
         self._unchecked = set(self._ot_trials) - self._completed_trials
         owned = {trial._trial_id for trial in self._ot_trials.values()}
-        running = self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-        self._orphans = sorted(t._trial_id for t in running if t._trial_id not in owned)
+        unknown = [t for t in self._ot_study.get_trials(deepcopy=False) if t._trial_id not in owned]
+        self._orphans = sorted(t._trial_id for t in unknown if t.state == optuna.trial.TrialState.RUNNING)
+        if unknown:
+            print(
+                f"[sweep] resume: the study holds {len(unknown)} trial(s) started after Tune's last saved state: "
+                f"{len(self._orphans)} cut short (taken over by the next trials, same values and MLflow runs), "
+                f"{len(unknown) - len(self._orphans)} ended (kept as they are)",
+                flush=True,
+            )
 
     def __getstate__(self) -> dict[str, Any]:
         return self._portable_state()

@@ -1,0 +1,149 @@
+"""Fault injection against the real components: a multi-node Ray cluster (`ray start`), an MLflow server on
+PostgreSQL with artifacts in moto's S3 server, and the Optuna study in PostgreSQL. Each test breaks something mid-sweep,
+lets the sweep (or its `--resume`) finish, and then checks through the public clients that every planned trial has
+exactly one MLflow child run and one Optuna trial, both in the right final state, and that every evaluation is
+recorded exactly once (`assert_exact`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from .peers import AWS, REPO, RayCluster, base_env
+
+pytestmark = pytest.mark.faults
+
+ITERATIONS, EVERY = 60, 20
+STEPS = list(range(EVERY, ITERATIONS + 1, EVERY))
+
+# 6 trials (3 presets x 2 learning rates), two at a time, one on each worker node (each has one trial_slot)
+SPACE = f"""
+experiment: {{name}}
+base_file: {REPO}/trainables/configs/repro_synthetic.yaml
+base:
+  train: {{{{iterations: {ITERATIONS}, eval_every: {EVERY}}}}}
+space:
+  method.preset: {{{{type: categorical, values: [fixmatch, fixmatch_la, fixmatch_drw]}}}}
+  optim.lr: {{{{type: categorical, values: [0.03, 0.01]}}}}
+search: {{{{sampler: grid, metric: val/balanced_acc, max_concurrent: 2, max_failures: 3}}}}
+resources: {{{{cpu: 1, custom: {{{{trial_slot: 1}}}}}}}}
+storage: {{{{path: results, optuna: '{{optuna}}'}}}}
+tracking: {{{{experiment: {{name}}}}}}
+"""
+PLANNED = 6
+
+
+def start(cwd: Path, tracking: str, env: dict[str, str], *extra: str) -> subprocess.Popen:
+    """The driver, its output in a file of its own (`output(proc)`): a pipe nobody reads would block it."""
+    args = [sys.executable, "-m", "service.tune", "--space", "space.yaml", "--tracking-uri", tracking, *extra]
+    log = cwd / f"driver-{len(list(cwd.glob('driver-*.log')))}.log"
+    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
+
+
+def output(proc: subprocess.Popen) -> str:
+    return proc.log.read_text()  # type: ignore[attr-defined]
+
+
+def child_runs(client: MlflowClient, experiment: str) -> list:
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    return [r for r in runs if r.data.tags.get("ltssl.role") == "trial"]
+
+
+def wait_for(what: str, done: Callable[[], bool], proc: subprocess.Popen, timeout: float = 400) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=60)
+            pytest.fail(f"never reached: {what}\n" + output(proc)[-4000:])
+        time.sleep(0.5)
+
+
+def evaluations(client: MlflowClient, experiment: str) -> int:
+    return sum(int(r.data.tags.get("ltssl.last_step", "0")) // EVERY for r in child_runs(client, experiment))
+
+
+def assert_exact(client: MlflowClient, experiment: str, optuna_url: str, planned: int = PLANNED) -> None:
+    """Every planned trial: one child run FINISHED (outcome finished) with each evaluation once, and one Optuna
+    trial COMPLETE with the same value and intermediate values; nothing else in either store."""
+    children = child_runs(client, experiment)
+    assert len(children) == planned, sorted((c.data.tags.get("ltssl.optuna_trial"), c.info.status) for c in children)
+    numbers = sorted(int(c.data.tags["ltssl.optuna_trial"]) for c in children)
+    assert numbers == list(range(planned))
+    (sweep_name,) = {c.data.tags["ltssl.sweep"] for c in children}
+    study = optuna.load_study(study_name=sweep_name, storage=optuna_url)
+    trials = {t.number: t for t in study.trials}
+    assert sorted(trials) == numbers
+    for child in children:
+        run_id = child.info.run_id
+        assert (child.info.status, child.data.tags["ltssl.outcome"]) == ("FINISHED", "finished"), child.data.tags
+        for key in ("val/balanced_acc", "val/recall/c03"):
+            history = client.get_metric_history(run_id, key)
+            assert [m.step for m in history] == STEPS, (child.info.run_name, key, [m.step for m in history])
+        history = client.get_metric_history(run_id, "val/balanced_acc")
+        trial = trials[int(child.data.tags["ltssl.optuna_trial"])]
+        assert trial.state == TrialState.COMPLETE, (trial.number, trial.state)
+        assert trial.value == pytest.approx(history[-1].value)
+        assert trial.intermediate_values == {m.step: pytest.approx(m.value) for m in history}
+        assert trial.user_attrs["tune_trial_id"] == child.data.tags["ltssl.tune_trial_id"]
+    parent = client.get_run(children[0].data.tags["mlflow.parentRunId"])
+    assert (parent.info.status, parent.data.tags["ltssl.outcome"]) == ("FINISHED", "finished")
+
+
+def test_driver_killed_twice_then_resumed(ray_cluster: RayCluster, tmp_path, mlflow_server, databases):
+    """kill -9 of the driver mid-sweep, twice, each time after trials have started since the last kill; `--resume`
+    after each. Trials started after Tune's last saved state are taken over, not run as new trials."""
+    optuna_url = databases()
+    (tmp_path / "space.yaml").write_text(SPACE.format(name="driver_kill", optuna=optuna_url))
+    client = MlflowClient(mlflow_server)
+    # Tune saves its state only when it must (start, end, a trial's checkpoints rotated): the kills land after trials
+    # that Tune's saved state does not know were started, and some finished
+    env = {**ray_cluster.env, "TUNE_GLOBAL_CHECKPOINT_S": "3600"}
+    args = ("--address", ray_cluster.address)
+    resumed = []
+
+    driver = start(tmp_path, mlflow_server, env, *args)
+    # first kill: a trial has finished and another is mid-training
+    wait_for(
+        "a finished trial and two running ones with an evaluation",
+        lambda: sum(c.data.tags.get("ltssl.outcome") == "finished" for c in child_runs(client, "driver_kill")) >= 1
+        and sum(
+            c.data.tags.get("ltssl.outcome") == "running" and int(c.data.tags.get("ltssl.last_step", -1)) >= EVERY
+            for c in child_runs(client, "driver_kill")
+        )
+        >= 1,
+        driver,
+    )
+    driver.send_signal(signal.SIGKILL)
+    driver.wait(timeout=60)
+
+    for round_ in range(2):
+        before = evaluations(client, "driver_kill")
+        driver = start(tmp_path, mlflow_server, env, *args, "--resume")
+        if round_ == 0:  # second kill: once the resumed sweep has recorded two more evaluations
+            wait_for("two more evaluations", lambda: evaluations(client, "driver_kill") >= before + 2, driver)
+            driver.send_signal(signal.SIGKILL)
+            driver.wait(timeout=60)
+        resumed.append(driver)
+    driver.wait(timeout=900)
+    assert driver.returncode == 0, output(driver)[-4000:]
+    assert_exact(client, "driver_kill", optuna_url)
+    # the kills did land in that window: a resume found trials Tune's state did not hold, and took them over
+    assert "started after Tune's last saved state" in output(resumed[0]) + output(resumed[1])
