@@ -37,7 +37,7 @@ class SweepSearch(OptunaSearch):
         # the redacted URL: Tune pickles the searcher into the experiment state, which must carry no password
         self._storage_url = secrets.remember(plan.optuna_storage)
         if plan.optuna_storage is not None:
-            storage = optuna.storages.RDBStorage(plan.optuna_storage)
+            storage = study_storage(plan.optuna_storage)
         self._trial_sampler = TrialSampler(plan)
         self._final_steps: dict[str, int] = {}  # Tune trial id -> last training step of that trial
         self._reported: dict[str, int] = {}  # Tune trial id -> last step reported to Optuna
@@ -135,7 +135,7 @@ class SweepSearch(OptunaSearch):
     def _reconnect(self) -> None:
         if self._storage_url is None or self._ot_study is not None:
             return
-        self._storage = optuna.storages.RDBStorage(secrets.reveal(self._storage_url))
+        self._storage = study_storage(secrets.reveal(self._storage_url))
         self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage, sampler=self._sampler)
         self._ot_trials = {tid: optuna.Trial(self._ot_study, trial_id) for tid, trial_id in self._ot_trials.items()}
         self._unchecked = set(self._ot_trials) - self._completed_trials
@@ -168,6 +168,12 @@ class SweepSearch(OptunaSearch):
 
     def _optuna_trial(self, trial_id: str) -> optuna.Trial:
         return self._ot_trials[trial_id]  # OptunaSearch's live trials; it has no public accessor
+
+
+def study_storage(url: str) -> optuna.storages.RDBStorage:
+    """Optuna's database storage, its pooled connections checked before each use: Optuna does that for MySQL only,
+    and a PostgreSQL that restarted or dropped its backends would otherwise fail the searcher's next call."""
+    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
 
 
 def build_searcher(plan: Plan) -> tuple[Searcher, SweepSearch]:

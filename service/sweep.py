@@ -30,7 +30,7 @@ from ray import tune
 from service import cluster, secrets
 from service.console import TrialEvents
 from service.plan import Plan, anchor_paths
-from service.search import build_scheduler, build_searcher
+from service.search import build_scheduler, build_searcher, study_storage
 from service.space import describe
 from service.tracking import (
     COMMIT,
@@ -334,7 +334,7 @@ def close_stale(plan: Plan, record: SweepRecord, outcome: str) -> None:
             terminal(client, run.info.run_id, "KILLED", outcome)
     if plan.optuna_storage is None:
         return
-    study = optuna.load_study(study_name=plan.sweep_name, storage=plan.optuna_storage)
+    study = optuna.load_study(study_name=plan.sweep_name, storage=study_storage(plan.optuna_storage))
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         live = optuna.Trial(study, trial._trial_id)  # a FrozenTrial's storage id: Optuna has no public accessor
         live.set_user_attr("ltssl_outcome", outcome)

@@ -146,6 +146,68 @@ def ray_cluster(where: Path) -> Iterator[RayCluster]:
         subprocess.run([str(python), "-m", "ray.scripts.scripts", "stop", "--force"], env=env, capture_output=True)
 
 
+class SpareNode:
+    """A worker node in its own PID namespace (`ray start --block` as its first process): `kill()` takes the whole
+    node down at once (raylet, agents, trial workers), as a lost machine; `processes(name)` finds its processes."""
+
+    def __init__(self, cluster: RayCluster, name: str, resources: dict[str, float], log: Path):
+        args = ["--address", cluster.address, "--num-cpus", "1", "--resources", json.dumps(resources), "--block"]
+        args += ["--dashboard-agent-listen-port", str(free_port()), "--node-ip-address", "127.0.0.1"]
+        args += ["--object-store-memory", str(200 * 2**20), "--disable-usage-stats"]
+        cmd = ["unshare", "--pid", "--fork", "--kill-child=SIGKILL", "--mount-proc"]
+        cmd += [str(cluster.python), "-m", "ray.scripts.scripts", "start", *args]
+        self.name = name
+        self.node_id = ""  # Ray's id, once the node has joined
+        self.proc = subprocess.Popen(cmd, env=cluster.env, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd="/")
+
+    def _namespace(self) -> str | None:
+        for child in Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split():
+            return os.readlink(f"/proc/{child}/ns/pid")
+        return None
+
+    def processes(self, name: str) -> list[int]:
+        """Host PIDs of this node's processes whose command line contains `name`."""
+        namespace, found = self._namespace(), []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if os.readlink(entry / "ns" / "pid") == namespace and name in (entry / "cmdline").read_text():
+                    found.append(int(entry.name))
+            except OSError:  # gone meanwhile
+                continue
+        return found
+
+    def kill(self) -> None:
+        self.proc.kill()  # unshare's --kill-child takes the namespace's first process, and the kernel all the rest
+        self.proc.wait(timeout=30)
+
+
+@contextmanager
+def spare_nodes(cluster: RayCluster, where: Path, resources: dict[str, dict[str, float]]) -> Iterator[dict]:
+    """Worker nodes added to `cluster` for one test ({name: resources}); waits until Ray counts them alive."""
+    nodes = {
+        name: SpareNode(cluster, name, {**res, f"node_{name}": 1}, where / f"node-{name}.log")
+        for name, res in resources.items()
+    }
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            alive = _node_ids(cluster.python, cluster.address, cluster.env)
+            ids = {name: i for i, res in alive.items() for name in nodes if res.get(f"node_{name}")}
+            if len(ids) == len(nodes):
+                break
+            assert time.monotonic() < deadline, f"the spare nodes did not join: {alive}"
+            time.sleep(1)
+        for name, node in nodes.items():
+            node.node_id = ids[name]
+        yield nodes
+    finally:
+        for node in nodes.values():
+            if node.proc.poll() is None:
+                node.kill()
+
+
 # ---- PostgreSQL, S3, MLflow ------------------------------------------------------------------------------------
 
 

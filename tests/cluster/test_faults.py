@@ -20,7 +20,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from .peers import AWS, REPO, RayCluster, base_env
+from .peers import REPO, RayCluster, spare_nodes
 
 pytestmark = pytest.mark.faults
 
@@ -123,12 +123,14 @@ def test_driver_killed_twice_then_resumed(ray_cluster: RayCluster, tmp_path, mlf
     # first kill: a trial has finished and another is mid-training
     wait_for(
         "a finished trial and two running ones with an evaluation",
-        lambda: sum(c.data.tags.get("ltssl.outcome") == "finished" for c in child_runs(client, "driver_kill")) >= 1
-        and sum(
-            c.data.tags.get("ltssl.outcome") == "running" and int(c.data.tags.get("ltssl.last_step", -1)) >= EVERY
-            for c in child_runs(client, "driver_kill")
-        )
-        >= 1,
+        lambda: (
+            sum(c.data.tags.get("ltssl.outcome") == "finished" for c in child_runs(client, "driver_kill")) >= 1
+            and sum(
+                c.data.tags.get("ltssl.outcome") == "running" and int(c.data.tags.get("ltssl.last_step", -1)) >= EVERY
+                for c in child_runs(client, "driver_kill")
+            )
+            >= 1
+        ),
         driver,
     )
     driver.send_signal(signal.SIGKILL)
@@ -138,7 +140,7 @@ def test_driver_killed_twice_then_resumed(ray_cluster: RayCluster, tmp_path, mlf
         before = evaluations(client, "driver_kill")
         driver = start(tmp_path, mlflow_server, env, *args, "--resume")
         if round_ == 0:  # second kill: once the resumed sweep has recorded two more evaluations
-            wait_for("two more evaluations", lambda: evaluations(client, "driver_kill") >= before + 2, driver)
+            wait_for("two more evaluations", lambda n=before: evaluations(client, "driver_kill") >= n + 2, driver)
             driver.send_signal(signal.SIGKILL)
             driver.wait(timeout=60)
         resumed.append(driver)
@@ -147,3 +149,76 @@ def test_driver_killed_twice_then_resumed(ray_cluster: RayCluster, tmp_path, mlf
     assert_exact(client, "driver_kill", optuna_url)
     # the kills did land in that window: a resume found trials Tune's state did not hold, and took them over
     assert "started after Tune's last saved state" in output(resumed[0]) + output(resumed[1])
+
+
+def running_on(client: MlflowClient, experiment: str, node_id: str) -> list:
+    """Child runs mid-training on a node, with at least one evaluation recorded."""
+    return [
+        c
+        for c in child_runs(client, experiment)
+        if c.data.tags.get("ltssl.outcome") == "running"
+        and c.data.tags.get("ltssl.node_id") == node_id
+        and int(c.data.tags.get("ltssl.last_step", -1)) >= EVERY
+    ]
+
+
+def test_worker_process_then_whole_node_killed(ray_cluster: RayCluster, tmp_path, mlflow_server, databases):
+    """kill -9 of a trial's worker process (as by the OOM killer), then of a whole worker node (raylet, agents and
+    workers at once, as a lost machine). Tune retries each cut trial from its last checkpoint on a node still up."""
+    optuna_url = databases()
+    text = SPACE.format(name="node_kill", optuna=optuna_url).replace("trial_slot", "spare_slot")
+    (tmp_path / "space.yaml").write_text(text)
+    client = MlflowClient(mlflow_server)
+    with spare_nodes(ray_cluster, tmp_path, {"a": {"spare_slot": 1}, "b": {"spare_slot": 1}}) as nodes:
+        a, b = nodes["a"], nodes["b"]
+        driver = start(tmp_path, mlflow_server, ray_cluster.env, "--address", ray_cluster.address)
+        wait_for("a trial mid-training on node a", lambda: running_on(client, "node_kill", a.node_id), driver)
+        (worker_cut,) = running_on(client, "node_kill", a.node_id)
+        workers = a.processes("ray::ImplicitFunc")
+        assert workers, "no trial worker process found on node a"
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        wait_for("a trial mid-training on node b", lambda: running_on(client, "node_kill", b.node_id), driver)
+        (node_cut,) = running_on(client, "node_kill", b.node_id)
+        b.kill()
+        driver.wait(timeout=900)
+    assert driver.returncode == 0, output(driver)[-4000:]
+    assert_exact(client, "node_kill", optuna_url)
+    runs = {c.info.run_id: c for c in child_runs(client, "node_kill")}
+    # the worker's trial was retried; the node's trial was retried elsewhere (node a: b is gone)
+    assert int(runs[worker_cut.info.run_id].data.tags["ltssl.retries"]) >= 1
+    moved = runs[node_cut.info.run_id].data.tags
+    assert int(moved["ltssl.retries"]) >= 1
+    assert moved["ltssl.nodes"].split(",") == [b.node_id, a.node_id]
+    assert moved["ltssl.node_id"] == a.node_id
+
+
+def drop_connections() -> int:
+    """Terminate every PostgreSQL backend of the tests' databases (MLflow's and Optuna's), as a database failover or
+    a restart does; the number terminated."""
+    import psycopg
+
+    with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname LIKE 'ltssl\\_%' AND pid <> pg_backend_pid()"
+        ).fetchall()
+    return sum(1 for (done,) in rows if done)
+
+
+def test_postgres_connections_dropped_mid_sweep(ray_cluster: RayCluster, tmp_path, mlflow_server, databases):
+    """Every connection of the MLflow server and of the driver (Optuna, the sweep lock) to PostgreSQL terminated,
+    three times while trials train and report; the pools reconnect and nothing is lost."""
+    optuna_url = databases()
+    (tmp_path / "space.yaml").write_text(SPACE.format(name="pg_drop", optuna=optuna_url))
+    client = MlflowClient(mlflow_server)
+    driver = start(tmp_path, mlflow_server, ray_cluster.env, "--address", ray_cluster.address)
+    dropped = []
+    for _ in range(3):
+        seen = evaluations(client, "pg_drop")
+        wait_for("one more evaluation", lambda n=seen: evaluations(client, "pg_drop") > n, driver)
+        dropped.append(drop_connections())
+    driver.wait(timeout=900)
+    assert driver.returncode == 0, output(driver)[-4000:]
+    assert all(n >= 2 for n in dropped), dropped  # the server's and the driver's connections were open and cut
+    assert_exact(client, "pg_drop", optuna_url)
