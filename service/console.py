@@ -6,7 +6,7 @@ from typing import Any
 
 from ray import tune
 
-from trainables.ray_trainable import DIVERGED
+from trainables.ray_trainable import NOT_RETRIED
 
 SHOWN = ("val/balanced_acc", "val/top1", "val/recall_tail", "val/recall_min")
 
@@ -17,8 +17,8 @@ class TrialEvents(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         result = trial.last_result
-        if DIVERGED in result:
-            print(f"[sweep] failed     {trial}: {result[DIVERGED]} (not retried)", flush=True)
+        if NOT_RETRIED in result:
+            print(f"[sweep] failed     {trial}: {result[NOT_RETRIED]} (not retried)", flush=True)
             return
         step, iterations = int(result.get("step", 0)), trial.config["train"]["iterations"]
         verb = "finished" if step >= iterations else f"stopped at {step}/{iterations}"

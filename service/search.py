@@ -23,7 +23,7 @@ from ray.tune.search.optuna import OptunaSearch
 from service import secrets
 from service.plan import Plan
 from service.sampling import OPTUNA_NUMBER, SAMPLERS, TrialSampler
-from trainables.ray_trainable import DIVERGED
+from trainables.ray_trainable import NOT_RETRIED
 
 EVALUATION = "evaluation"  # result key: 1-based evaluation index, ASHA's time unit (added by the trainable)
 STEP = "step"  # result key: training iteration of the evaluation (from the loop)
@@ -90,7 +90,7 @@ class SweepSearch(OptunaSearch):
         return True
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        if DIVERGED in result or self._finished_elsewhere(trial_id):
+        if NOT_RETRIED in result or self._finished_elsewhere(trial_id):
             return  # no metric (on_trial_complete tells Optuna the trial failed), or Optuna's record is final
         step = int(result[STEP])
         if step <= self._reported.get(trial_id, -1):
@@ -107,7 +107,7 @@ class SweepSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         if self._finished_elsewhere(trial_id):
             return
-        if result is not None and DIVERGED in result:
+        if result is not None and NOT_RETRIED in result:
             super().on_trial_complete(trial_id, result=None, error=True)  # Optuna: FAIL
             return
         if not error and result is not None and STEP in result and trial_id not in self._completed_trials:

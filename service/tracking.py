@@ -33,7 +33,7 @@ from ray import tune
 from service import leaderboard, secrets
 from service.leaderboard import Row
 from service.sampling import SERVICE_KEY
-from trainables.ray_trainable import ARTIFACTS, DIVERGED
+from trainables.ray_trainable import ARTIFACTS, NOT_RETRIED
 
 PARENT = "mlflow.parentRunId"
 COMMIT = "mlflow.source.git.commit"
@@ -278,7 +278,7 @@ class MlflowTrialLogger(tune.Callback):
 
     def _do_result(self, trial: Any, result: dict, now: int) -> None:
         run_id = self._run_of(trial)
-        if DIVERGED in result:  # no metrics: the completion records the failure
+        if NOT_RETRIED in result:  # no metrics: the completion records the failure
             self._record_where(trial, run_id, result)
             return
         step = int(result["step"])
@@ -325,7 +325,7 @@ class MlflowTrialLogger(tune.Callback):
 
     def _do_complete(self, trial: Any) -> None:
         run_id = self._run_of(trial)
-        reason = trial.last_result.get(DIVERGED)
+        reason = trial.last_result.get(NOT_RETRIED)
         if reason:  # ended on purpose, not retried: it would diverge again
             self.client.log_text(run_id, reason, "error.txt")
             self.client.set_tag(run_id, "mlflow.note.content", reason)

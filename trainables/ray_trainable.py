@@ -20,38 +20,56 @@ from typing import Any
 
 from ray import tune
 
-from trainables.config import RunConfig, validate
+from trainables.config import ConfigError, RunConfig, validate
 
 SERVICE_KEY = "service"  # the Tune config's metadata entry (written by service/sampling.py); the rest is the RunConfig
 ARTIFACTS = "artifacts"  # the loop's final tables, under out_dir and inside the last Tune checkpoint
 RUN_RECORDS = ("metrics.jsonl", "counts.json", "config.json")  # the loop's files that go with the last checkpoint
-DIVERGED = "diverged"  # result key of a trial whose training diverged: the reason; no metrics come with it
+#: result key of a trial that failed in a way a retry would repeat (training diverged, the GPU ran out of memory, an
+#: invalid configuration): the reason; no metrics come with it
+NOT_RETRIED = "not_retried"
 
 
 def run_trial(config: dict[str, Any]) -> None:
     """The function trainable given to `tune.Tuner`."""
     # imported in the worker: the driver, which imports this module for its constants, never needs torch
+    import torch
+
+    from trainables.data.cifar import DatasetNotFoundError
     from trainables.loop import CHECKPOINT_DIR, NonFiniteError, train
 
     # Ray logs a line per persisted checkpoint, i.e. per evaluation of every trial; the sweep's own log says enough
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     context = tune.get_context()
-    run = {k: v for k, v in config.items() if k != SERVICE_KEY}
-    cfg: RunConfig = validate(RunConfig, run, source=f"trial {context.get_trial_id()} config")
-    out_dir = Path(context.get_trial_dir()) / "run"
-    restored = tune.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as src:
-            restore_checkpoint(Path(src), out_dir / CHECKPOINT_DIR)
-    reporter = TuneReporter(cfg, out_dir, where=where_running())
+    where = where_running()
+    reporter: TuneReporter | None = None
     try:
+        run = {k: v for k, v in config.items() if k != SERVICE_KEY}
+        cfg: RunConfig = validate(RunConfig, run, source=f"trial {context.get_trial_id()} config")
+        out_dir = Path(context.get_trial_dir()) / "run"
+        restored = tune.get_checkpoint()
+        if restored is not None:
+            with restored.as_directory() as src:
+                restore_checkpoint(Path(src), out_dir / CHECKPOINT_DIR)
+        reporter = TuneReporter(cfg, out_dir, where=where)
         train(cfg, out_dir, report=reporter, resume=restored is not None, progress=False)
+        reporter.report_last()
     except NonFiniteError as err:
         # a retry from the last checkpoint would diverge again: end the trial with a result that says why, which the
         # driver records as failed (MLflow FAILED with the reason, Optuna FAIL) instead of letting Tune retry it
-        tune.report({"step": err.step, DIVERGED: str(err), **reporter.where})
-        return
-    reporter.report_last()
+        tune.report({"step": err.step, NOT_RETRIED: str(err), **where})
+    except (ConfigError, DatasetNotFoundError, torch.OutOfMemoryError) as err:
+        # the same configuration with the same data on the same device fails the same way: no blind retries either
+        what = (
+            "out of memory"
+            if isinstance(err, torch.OutOfMemoryError)
+            else "data set missing"
+            if isinstance(err, DatasetNotFoundError)
+            else "invalid configuration"
+        )
+        step = reporter.step if reporter is not None else 0  # the last evaluation's step in this attempt
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        tune.report({"step": step, NOT_RETRIED: f"{what}: {message}", **where})
 
 
 def where_running() -> dict[str, str]:
@@ -90,10 +108,12 @@ class TuneReporter:
         self.out_dir = out_dir
         self.where = where or {}
         self.last: tuple[dict[str, float], Path | None] | None = None
+        self.step = 0  # the last evaluation's step
 
     def __call__(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         evaluation = evaluation_index(int(metrics["step"]), self.cfg.train.eval_every)
         metrics = {**metrics, "evaluation": evaluation, **self.where}
+        self.step = int(metrics["step"])
         if int(metrics["step"]) >= self.cfg.train.iterations:
             self.last = (metrics, checkpoint_dir)
             return
