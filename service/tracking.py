@@ -105,6 +105,8 @@ def terminal(client: MlflowClient, run_id: str, status: str, outcome: str) -> No
     client.set_terminated(run_id, status=status)
 
 
+RESULT_FILE = "result.json"  # Tune's log of a trial's results, one JSON object per line
+ENDED = ("finished", "pruned", "failed")  # outcomes of a trial that ended (its run is closed)
 FLUSH_TIMEOUT_S = float(os.environ.get("LTSSL_MLFLOW_FLUSH_TIMEOUT_S", "300"))  # at the sweep's end
 MAX_RETRY_DELAY_S = 30.0
 
@@ -112,12 +114,15 @@ MAX_RETRY_DELAY_S = 30.0
 def _view(trial: Any) -> SimpleNamespace:
     """What the writer needs of a Tune trial, taken when the event happens (the trial object moves on)."""
     error = trial.get_error() if hasattr(trial, "get_error") else None
+    storage = getattr(trial, "storage", None)
     return SimpleNamespace(
         trial_id=trial.trial_id,
         config=trial.config,
         checkpoint=getattr(trial, "checkpoint", None),
         last_result=dict(getattr(trial, "last_result", None) or {}),
         error=str(error) if error else None,
+        # Tune's own log of the trial's results in the sweep's storage (what the backfill reads)
+        results=(storage.storage_filesystem, f"{storage.trial_fs_path}/{RESULT_FILE}") if storage else None,
     )
 
 
@@ -157,6 +162,7 @@ class MlflowTrialLogger(tune.Callback):
         self._thread: threading.Thread | None = None
         self._closing = False
         self._bug: Exception | None = None
+        self._reconciled = False
 
     def __getstate__(self) -> dict[str, Any]:
         return {"record": self.record}
@@ -185,6 +191,15 @@ class MlflowTrialLogger(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._submit(self._do_complete, _view(trial))
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if self._reconciled:
+            return
+        self._reconciled = True
+        # a resumed sweep: trials Tune's saved state holds as ended, whose end a killed driver never wrote
+        for trial in trials:
+            if trial.status in ("TERMINATED", "ERROR"):
+                self._submit(self._do_reconcile, _view(trial), trial.status)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._submit(self._do_error, _view(trial))
@@ -281,6 +296,40 @@ class MlflowTrialLogger(tune.Callback):
         if NOT_RETRIED in result:  # no metrics: the completion records the failure
             self._record_where(trial, run_id, result)
             return
+        self._log_result(trial, run_id, result, now)
+
+    def _do_reconcile(self, trial: Any, status: str) -> None:
+        found = self._runs_of(trial)
+        if found and found[0].data.tags.get(OUTCOME) in ENDED:
+            return
+        self._run_of(trial)  # reopened, or created (a driver killed before writing it), and backfilled
+        if status == "ERROR":
+            self._do_error(trial)
+        else:
+            self._do_complete(trial)
+
+    def _backfill(self, trial: Any, run_id: str) -> None:
+        """Log the evaluations Tune's saved log of the trial holds beyond the run's last logged step: a driver killed
+        with writes still queued loses them, while Tune's saved state (and so the trial's resumed checkpoint) may
+        already be past them. Runs when a trial's existing run is reopened; the resumed trial re-reports nothing
+        before its checkpoint, and what it does re-report is skipped by step."""
+        if trial.results is None:
+            return
+        fs, path = trial.results
+        try:
+            with fs.open_input_stream(path) as f:
+                lines = f.read().decode().splitlines()
+        except (OSError, FileNotFoundError):  # no result reported yet, or the file is not in storage
+            return
+        for line in lines:
+            try:
+                result = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by the kill
+                continue
+            if NOT_RETRIED not in result and int(result.get("step", -1)) > self._last_step[trial.trial_id]:
+                self._log_result(trial, run_id, result, int(float(result.get("timestamp", time.time())) * 1000))
+
+    def _log_result(self, trial: Any, run_id: str, result: dict, now: int) -> None:
         step = int(result["step"])
         if step <= self._last_step[trial.trial_id]:
             return  # a retry re-ran an evaluation after its checkpoint: the first record stands
@@ -365,8 +414,11 @@ class MlflowTrialLogger(tune.Callback):
         if found and _sampled(found[0]) and _sampled(found[0]) != _sampled(trial):
             # the same Optuna number with other values: a study kept in Tune's state (no database) handed the number
             # out again after the driver died before its next snapshot; the old run's trial is gone for good
-            self._lose(found[0].info.run_id, "its trial was started after the sweep's last saved state and the "
-                       "driver died; the resumed sweep gave its Optuna number to another trial")
+            self._lose(
+                found[0].info.run_id,
+                "its trial was started after the sweep's last saved state and the "
+                "driver died; the resumed sweep gave its Optuna number to another trial",
+            )
             found = []
         if found:
             run = found[0]
@@ -380,12 +432,16 @@ class MlflowTrialLogger(tune.Callback):
             if not run.data.params:  # the driver died between creating the run and logging its params
                 self._log_trial_params(trial, run_id)
             self._last_step[tid] = int(run.data.tags.get(LAST_STEP, "-1"))
+            self._runs[tid] = run_id
+            self._backfill(trial, run_id)
         else:
             run_id = self._create(trial)
             self._last_step[tid] = -1
             # a create whose response was lost and retried by the client made two runs: keep one
             kept = self._runs_of(trial)
             run_id = kept[0].info.run_id if kept else run_id
+            self._runs[tid] = run_id
+            self._backfill(trial, run_id)  # a trial Tune's saved state holds, whose run a killed driver never made
         self._runs[tid] = run_id
         self._ended.discard(tid)
         return run_id

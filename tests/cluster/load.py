@@ -144,8 +144,9 @@ def payload(classes: int, where: Path) -> dict[str, float]:
     return out
 
 
-def mlflow_throughput(uri: str, result: dict[str, float], evaluations: int) -> tuple[float, float]:
-    """(evaluations per second, seconds per evaluation) through the writer's own path, per-class keys included."""
+def mlflow_throughput(uri: str, result: dict[str, float], evaluations: int, per_class: bool) -> tuple[float, float]:
+    """(evaluations per second, seconds per evaluation) through the writer's own path, with the per-class keys at
+    every evaluation (per_class_every 1) or only at the last (the summary keys in between)."""
     from mlflow import MlflowClient
 
     from service.tracking import MlflowTrialLogger, SweepRecord
@@ -153,7 +154,8 @@ def mlflow_throughput(uri: str, result: dict[str, float], evaluations: int) -> t
     client = MlflowClient(uri)
     exp = client.create_experiment(f"throughput-{time.time_ns()}")
     parent = client.create_run(exp, run_name="parent").info.run_id
-    record = SweepRecord(uri, exp, parent, "throughput", "0" * 16, "unknown", (("val/balanced_acc", "max"),), 1)
+    every = 1 if per_class else 10**9
+    record = SweepRecord(uri, exp, parent, "throughput", "0" * 16, "unknown", (("val/balanced_acc", "max"),), every)
     logger = MlflowTrialLogger(record)
     config = {"train": {"iterations": evaluations * 10}, "method": {"preset": "fixmatch"}}
     config["service"] = {"optuna_trial": 0, "run_name": "t000", "params": {}}
@@ -186,14 +188,18 @@ def main() -> None:
         print(f"service overhead per trial: {per_trial:.2f} s = {per_trial / 60 * 100:.1f} % of a one-minute trial")
 
         result = payload(100, where)
-        print(f"MLflow payload: {len(result)} metrics per evaluation (100 classes)")
-        rates = {"sqlite": mlflow_throughput(f"sqlite:///{where / 'throughput.db'}", result, args.evaluations)}
+        summary = sum(1 for k in result if not re.search(r"/c\d+$", k))
+        print(f"MLflow payload: {len(result)} metrics per evaluation with the per-class keys, {summary} without")
+        rates = {}
         with databases() as create, s3_server(where) as s3, mlflow_server(where, create(), s3) as url:
-            rates["server on PostgreSQL"] = mlflow_throughput(url, result, args.evaluations)
-        for store, (rate, seconds) in rates.items():
+            for store, uri in [("sqlite", f"sqlite:///{where / 'throughput.db'}"), ("server on PostgreSQL", url)]:
+                for per_class in (True, False):
+                    rates[store, per_class] = mlflow_throughput(uri, result, args.evaluations, per_class)
+        for (store, per_class), (rate, seconds) in rates.items():
+            size = len(result) if per_class else summary
             print(
-                f"MLflow writes, {store}: {rate:.1f} evaluations/s ({seconds * 1000:.0f} ms each, "
-                f"{rate * len(result):.0f} metrics/s)"
+                f"MLflow writes, {store}, {'every key' if per_class else 'summary keys'}: {rate:.1f} evaluations/s "
+                f"({seconds * 1000:.0f} ms each, {rate * size:.0f} metrics/s)"
             )
 
 

@@ -5,6 +5,7 @@ the logger reads from Tune's Trial (trial_id, config, checkpoint, get_error)."""
 from __future__ import annotations
 
 import pickle
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -122,6 +123,63 @@ def test_retry_and_resume_reopen_the_same_run_without_duplicate_points(plan, rec
     assert {"per_class_test.csv", "confusion_test.csv"} <= files
 
 
+def tune_log(tmp_path: Path, trial_id: str, steps: list[int]) -> SimpleNamespace:
+    """A trial folder in storage whose result.json (Tune's log of the trial) holds these evaluations; what the
+    logger reads through a Trial's `storage`."""
+    import json
+
+    import pyarrow.fs
+
+    folder = tmp_path / "storage" / trial_id
+    folder.mkdir(parents=True)
+    earlier = int(time.time()) - 600  # Tune stamps each result when it happens, before the kill
+    lines = [json.dumps({**result(step, step / 100), "timestamp": earlier + step}) for step in steps]
+    (folder / "result.json").write_text("\n".join(lines) + '\n{"step": 1')  # and a last line cut by the kill
+    return SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem(), trial_fs_path=str(folder))
+
+
+def test_evaluations_a_killed_driver_never_wrote_are_backfilled_from_tunes_log(plan, record, tmp_path):
+    logger = MlflowTrialLogger(record)
+    trial = make_trial(plan, "abc_00005")
+    logger.on_trial_start(0, [], trial)
+    logger.on_trial_result(0, [], trial, result(20, 0.2))
+    logger.flush(30)  # then kill -9: the write of step 40 was still queued, but Tune had saved it (and its checkpoint)
+    trial.storage = tune_log(tmp_path, "abc_00005", [20, 40])
+
+    resumed = pickle.loads(pickle.dumps(logger))
+    resumed.on_trial_start(0, [], trial)  # the trial continues from its checkpoint at 40
+    resumed.on_trial_result(0, [], trial, result(60, 0.6))
+    resumed.flush(30)
+    (run,) = children(record)
+    # each evaluation once (the backfilled ones carry Tune's own, earlier, timestamps)
+    assert sorted(s for s, _ in history(record, run.info.run_id, "val/balanced_acc")) == [20, 40, 60]
+    assert [s for s, _ in history(record, run.info.run_id, "val/recall/c03")] == [40]  # per_class_every: 2
+    assert run.data.tags[LAST_STEP] == "60"
+
+
+def test_a_trial_that_ended_before_the_kill_is_closed_on_resume(plan, record, tmp_path):
+    logger = MlflowTrialLogger(record)
+    trial = make_trial(plan, "abc_00006")
+    logger.on_trial_start(0, [], trial)
+    logger.on_trial_result(0, [], trial, result(20, 0.2))
+    logger.flush(30)  # kill -9 with the last evaluations and the completion queued; Tune saved the trial as ended
+    trial.storage = tune_log(tmp_path, "abc_00006", [20, 40, 60, 80])
+    trial.status, trial.last_result = "TERMINATED", result(80, 0.8)
+
+    resumed = pickle.loads(pickle.dumps(logger))
+    resumed.on_step_begin(0, [trial])  # Tune does not start an ended trial again: the first step reconciles it
+    resumed.on_step_begin(1, [trial])
+    resumed.flush(30)
+    (run,) = children(record)
+    assert (run.info.status, run.data.tags[OUTCOME]) == ("FINISHED", "finished")
+    assert sorted(s for s, _ in history(record, run.info.run_id, "val/balanced_acc")) == [20, 40, 60, 80]
+    ended = run.info.end_time
+    again = pickle.loads(pickle.dumps(resumed))  # a later resume leaves a closed run alone
+    again.on_step_begin(0, [trial])
+    again.flush(30)
+    assert MlflowClient(record.tracking_uri).get_run(run.info.run_id).info.end_time == ended
+
+
 def test_per_class_metrics_every_kth_evaluation_and_the_last(plan, record):
     logger = MlflowTrialLogger(record)
     trial = make_trial(plan, "abc_00003")
@@ -130,7 +188,7 @@ def test_per_class_metrics_every_kth_evaluation_and_the_last(plan, record):
         logger.on_trial_result(0, [], trial, result(step, 0.5))
     logger.flush(30)
     (run,) = children(record)
-    assert [s for s, _ in history(record, run.info.run_id, "val/balanced_acc")] == [20, 40, 60, 80]
+    assert sorted(s for s, _ in history(record, run.info.run_id, "val/balanced_acc")) == [20, 40, 60, 80]
     assert [s for s, _ in history(record, run.info.run_id, "val/recall/c03")] == [40, 80]  # per_class_every: 2
 
 
