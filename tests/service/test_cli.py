@@ -249,6 +249,18 @@ def test_resume_without_tune_state_refuses_to_start_over(write_space, tmp_path):
         preflight(plan, resume=True)
 
 
+def test_a_start_killed_before_its_record_is_replaced_by_the_next_start(write_space, tmp_path):
+    # Tune wrote tuner.pkl, the driver died before service_plan.json: no trial ever ran from that folder
+    plan = load_plan(write_space(SMALL), launch_dir=tmp_path)
+    where = Path(plan.sweep_location.uri)
+    where.mkdir(parents=True)
+    (where / "tuner.pkl").write_bytes(b"state of a start that died")
+    with pytest.raises(ConfigError, match="no sweep to resume"):
+        preflight(plan, resume=True)
+    assert preflight(plan, resume=False) is None
+    assert not where.exists()
+
+
 def test_a_storage_path_that_cannot_be_written_exits_2(tmp_path):
     (tmp_path / "space.yaml").write_text(SMALL)
     out = cli("--space", "space.yaml", "--storage", "/proc/ltssl-results", cwd=tmp_path, timeout=60)

@@ -180,3 +180,39 @@ def test_a_resumed_searcher_leaves_trials_the_database_already_finished(write_sp
     (trial,) = restored.study.trials
     assert trial.state == TrialState.COMPLETE and trial.value == pytest.approx(0.5)
     assert trial.intermediate_values == {20: 0.3, 60: 0.5}
+
+
+def test_a_resumed_searcher_takes_over_trials_started_after_the_snapshot(write_space, tmp_path, capsys):
+    # the driver died with trials the study handed out after Tune's last snapshot: one ended (COMPLETE in the
+    # database), one cut short (RUNNING). The restored searcher hands the cut one to the next Tune trial (same
+    # Optuna trial, same values), counts the ended one, and then says the study is complete: 6 planned, 6 in all
+    import pickle
+
+    from ray.tune.search import Searcher
+
+    plan = load_plan(write_space(SMALL + "storage: {optuna: sqlite:///optuna.db}\n"), launch_dir=tmp_path)
+    assert plan.num_trials == 6
+    search = SweepSearch(plan)
+    configs = {tid: search.suggest(tid) for tid in ("a", "b", "c", "d")}
+    snapshot = pickle.dumps(search)  # Tune's last saved state knows a-d
+    configs.update({tid: search.suggest(tid) for tid in ("e", "f")})
+    search.on_trial_complete("e", result=result(60, 0.5))  # e ended after the snapshot; f was cut by the kill
+
+    restored = pickle.loads(snapshot)
+    assert "2 trial(s) started after Tune's last saved state: 1 cut short" in capsys.readouterr().out
+    taken = restored.suggest("x")
+    assert taken["service"] == configs["f"]["service"]  # Optuna number, values and run name of the cut trial
+    assert {k: v for k, v in taken.items() if k != "service"} == {
+        k: v for k, v in configs["f"].items() if k != "service"
+    }
+    assert restored.suggest("y") == Searcher.FINISHED
+    restored.on_trial_result("x", result(20, 0.3))
+    restored.on_trial_complete("x", result=result(60, 0.4))
+    trials = restored.study.trials
+    assert len(trials) == 6
+    by_number = {t.number: t for t in trials}
+    f = by_number[configs["f"]["service"]["optuna_trial"]]
+    assert f.state == TrialState.COMPLETE and f.value == pytest.approx(0.4)
+    assert f.user_attrs["tune_trial_id"] == "x"  # the Tune trial that ran it to its end
+    e = by_number[configs["e"]["service"]["optuna_trial"]]
+    assert e.state == TrialState.COMPLETE and e.value == pytest.approx(0.5)

@@ -263,3 +263,50 @@ def test_a_duplicate_child_run_is_folded_into_the_one_with_the_records(plan, rec
     gone = client.get_run(duplicate)
     assert gone.info.lifecycle_stage == "deleted" and gone.data.tags["ltssl.duplicate_of"] == kept
     assert history(record, kept, "val/balanced_acc") == [(20, 0.3), (40, 0.4)]
+
+
+def test_a_trial_taken_over_after_a_kill_keeps_its_run(plan, record):
+    logger = MlflowTrialLogger(record)
+    cut = make_trial(plan, "abc_00007", number=4)
+    logger.on_trial_start(0, [], cut)
+    logger.on_trial_result(0, [], cut, result(20, 0.2))
+    logger.flush(30)  # kill -9: Tune's saved state never knew abc_00007; the study (a database) did
+    resumed = pickle.loads(pickle.dumps(logger))
+    heir = make_trial(plan, "xyz_00001", number=4)  # a new Tune trial got the same Optuna trial and values
+    resumed.on_trial_start(0, [], heir)
+    for step in (20, 40):  # trained again from the start: step 20 is not logged twice
+        resumed.on_trial_result(0, [], heir, result(step, step / 100 + 0.001))
+    resumed.flush(30)
+    (run,) = children(record)
+    assert run.data.tags[TRIAL_ID] == "xyz_00001" and run.data.tags["ltssl.optuna_trial"] == "4"
+    assert history(record, run.info.run_id, "val/balanced_acc") == [(20, 0.2), (40, pytest.approx(0.401))]
+
+
+def test_an_optuna_number_handed_out_again_with_other_values_loses_the_old_run(plan, record):
+    # a study kept only in Tune's state: after a kill, the resumed study hands number 5 out again, to other values
+    logger = MlflowTrialLogger(record)
+    first = make_trial(plan, "abc_00008", preset="fixmatch_drw", number=5)
+    logger.on_trial_start(0, [], first)
+    logger.on_trial_result(0, [], first, result(20, 0.2))
+    logger.flush(30)
+    resumed = pickle.loads(pickle.dumps(logger))
+    other = make_trial(plan, "xyz_00002", preset="fixmatch", number=5)
+    resumed.on_trial_start(0, [], other)
+    resumed.flush(30)
+    runs = {r.data.tags[TRIAL_ID]: r for r in children(record)}
+    assert sorted(runs) == ["abc_00008", "xyz_00002"]
+    lost, new = runs["abc_00008"], runs["xyz_00002"]
+    assert (lost.info.status, lost.data.tags[OUTCOME]) == ("KILLED", "lost")
+    assert "gave its Optuna number to another trial" in lost.data.tags["mlflow.note.content"]
+    assert (new.info.status, new.data.tags[OUTCOME]) == ("RUNNING", "running")
+
+
+def test_a_parent_run_without_a_record_or_children_is_taken_over(plan, record):
+    # the driver died after creating the parent run, before writing the sweep's record: the next start reuses it
+    again = start_parent(plan)
+    assert again.parent_run_id == record.parent_run_id
+    logger = MlflowTrialLogger(again)
+    logger.on_trial_start(0, [], make_trial(plan, "abc_00009"))
+    logger.flush(30)
+    # a parent with child runs belongs to a sweep whose folder was removed on purpose: a new start gets a new parent
+    assert start_parent(plan).parent_run_id != record.parent_run_id
