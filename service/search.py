@@ -1,11 +1,15 @@
 """The Tune side of the search: Optuna as the searcher, ASHA (or nothing) as the scheduler.
 
-`SweepSearch` is Ray's `OptunaSearch` with three changes the sweep needs:
+`SweepSearch` is Ray's `OptunaSearch` with the changes the sweep needs:
 - suggestions are whole trial configurations (`TrialSampler.tune_config`), not bare parameter values;
 - intermediate values are reported to Optuna at the training step (`step`), not at Tune's report count;
 - a trial the scheduler stopped before its last evaluation is told to Optuna as PRUNED (with its intermediate
   values) rather than COMPLETE: OptunaSearch would otherwise file it as complete with a half-trained value, and
-  TPE would learn from it as if it were final.
+  TPE would learn from it as if it were final;
+- with the study in a database, a restored searcher reconciles it with Tune's saved state (a driver killed after
+  its last snapshot): trials the study handed out since then and that were cut short are taken over by the next
+  Tune trials (same Optuna trial, same values), ended ones count toward the planned number, and a trial whose record
+  ended meanwhile keeps that record.
 """
 
 from __future__ import annotations

@@ -277,6 +277,7 @@ def run(plan: Plan, stored: dict[str, Any] | None, address: str | None) -> Outco
         print(f"[sweep] ray: connected in {time.perf_counter() - connecting:.1f} s{shipped}", flush=True)
     started = time.monotonic()
     record = None
+    previous = ("KILLED", "interrupted")  # a resumed sweep's parent run as it was (status, outcome)
     try:
         checking = time.perf_counter()
         prepare_cluster(plan, remote=address is not None)
@@ -288,6 +289,8 @@ def run(plan: Plan, stored: dict[str, Any] | None, address: str | None) -> Outco
                 **{**stored["record"], "objectives": tuple(map(tuple, stored["record"]["objectives"]))}
             )
             client = client_for(record)
+            before = client.get_run(record.parent_run_id)
+            previous = (before.info.status, before.data.tags.get(OUTCOME, "running"))
             client.update_run(record.parent_run_id, status="RUNNING")
             client.set_tag(record.parent_run_id, OUTCOME, "running")
         tuner = _tuner(plan, record, MlflowTrialLogger(record), restore=stored is not None)
@@ -295,8 +298,9 @@ def run(plan: Plan, stored: dict[str, Any] | None, address: str | None) -> Outco
             write_record(plan, record)
         tuner.fit()
     except RestoreFailed as err:
-        # nothing ran: the records stay as the interrupted sweep left them
-        terminal(client_for(record), record.parent_run_id, "KILLED", "interrupted")
+        # nothing ran: the parent run goes back to how the sweep left it
+        client_for(record).update_run(record.parent_run_id, status=previous[0])
+        client_for(record).set_tag(record.parent_run_id, OUTCOME, previous[1])
         raise RestoreFailed(
             f"{plan.source}: --resume stopped: {err}. Nothing was run or changed; the sweep's folder is "
             f"{plan.sweep_location}"

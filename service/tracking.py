@@ -3,10 +3,12 @@
 Why the driver (a Tune callback) and not the trainable: only the driver knows how a trial ended (ASHA stop,
 failure after the last retry, interruption), the Optuna trial number, and the sweep's parent run; workers never need
 to reach the tracking store (a local sqlite file works for a multi-node sweep); and one writer means no sqlite lock
-contention. A child run is found again by its tags (parent run id + Tune trial id), so a retried or `--resume`d trial
-reopens its own run instead of creating a duplicate, and evaluations a retry re-runs are not logged twice (the last
-logged step is kept in a tag). The callback's hooks only queue the work; a writer thread makes the MLflow calls, in
-order and with retries, so an MLflow outage delays records without stalling Tune's event loop.
+contention. A child run is found again by its tags (parent run id + Optuna trial number, the sweep's own id for a
+trial), so a retried or `--resume`d trial, or a trial a resumed sweep took over, reopens its own run instead of
+creating a duplicate, and evaluations a retry re-runs are not logged twice (the last logged step is kept in a tag);
+evaluations a killed driver never wrote are backfilled from Tune's saved log of the trial. The callback's hooks only
+queue the work; a writer thread makes the MLflow calls, in order and with retries, so an MLflow outage delays
+records without stalling Tune's event loop.
 """
 
 from __future__ import annotations

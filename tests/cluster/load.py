@@ -13,7 +13,7 @@ same training function called directly in a loop (a benchmark, not a timed test;
    Overhead per trial = (sweep - direct) / trials; the ratio sweep / direct; that overhead as a share of a one-minute
    trial.
 4. MLflow write throughput of one evaluation of a 100-class data set (the real result keys of a 10-class run, the
-   per-class ones widened to 100 classes: ~940 metrics) through the sweep's own writer path
+   per-class ones widened to 100 classes: 738 metrics) through the sweep's own writer path
    (`MlflowTrialLogger._do_result`), into a sqlite store and into an MLflow server on PostgreSQL.
 """
 

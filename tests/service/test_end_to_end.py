@@ -339,3 +339,27 @@ def test_a_diverging_trial_fails_at_once_and_is_not_retried(tmp_path):
     assert states[failed.data.tags["ltssl.tune_trial_id"]] == TrialState.FAIL
     assert states[good.data.tags["ltssl.tune_trial_id"]] == TrialState.COMPLETE
     assert parent.data.metrics["trials/failed"] == 1 and parent.data.metrics["trials/finished"] == 1
+
+
+def test_a_resume_whose_saved_state_does_not_load_stops_and_changes_nothing(tmp_path):
+    # Tune's own answer to a saved state it cannot load is to start the whole sweep over under the same parent run
+    text = RESUMABLE.replace("[fixmatch, fixmatch_la, fixmatch_drw]", "[fixmatch]").replace(
+        "iterations: 60", "iterations: 20"
+    )
+    (tmp_path / "space.yaml").write_text(text)
+    first = cli(tmp_path, "--space", "space.yaml")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    for state in (tmp_path / "ray_results").glob("resumable-*/experiment_state-*.json"):
+        state.write_text('{"trial_data": [')  # cut mid-write, or damaged in a copy
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    _, parent, before = runs_of(client, "resumable")
+
+    again = cli(tmp_path, "--space", "space.yaml", "--resume")
+    assert again.returncode == 2, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "--resume stopped: Ray Tune could not load the sweep's saved state" in again.stderr
+    assert "Nothing was run or changed" in again.stderr and "Traceback" not in again.stderr
+    assert "[sweep] start" not in again.stdout
+    _, parent_after, after = runs_of(client, "resumable")
+    assert [r.info.run_id for r in after] == [r.info.run_id for r in before]
+    assert [(r.info.status, r.info.end_time) for r in after] == [(r.info.status, r.info.end_time) for r in before]
+    assert (parent_after.info.status, parent_after.data.tags["ltssl.outcome"]) == ("FINISHED", "finished")
