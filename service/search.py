@@ -27,7 +27,7 @@ from ray.tune.search.optuna import OptunaSearch
 from service import secrets
 from service.plan import Plan
 from service.sampling import OPTUNA_NUMBER, SAMPLERS, TrialSampler
-from trainables.ray_trainable import NOT_RETRIED
+from trainables.ray_trainable import NO_METRICS, NOT_RETRIED
 
 EVALUATION = "evaluation"  # result key: 1-based evaluation index, ASHA's time unit (added by the trainable)
 STEP = "step"  # result key: training iteration of the evaluation (from the loop)
@@ -94,7 +94,7 @@ class SweepSearch(OptunaSearch):
         return True
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        if NOT_RETRIED in result or self._finished_elsewhere(trial_id):
+        if any(k in result for k in NO_METRICS) or self._finished_elsewhere(trial_id):
             return  # no metric (on_trial_complete tells Optuna the trial failed), or Optuna's record is final
         step = int(result[STEP])
         if step <= self._reported.get(trial_id, -1):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import posixpath
 import re
 import signal
 import socket
@@ -49,7 +50,7 @@ from service.tracking import (
     terminal,
 )
 from trainables.config import ConfigError
-from trainables.ray_trainable import SERVICE_KEY, run_trial
+from trainables.ray_trainable import SERVICE_KEY, STORAGE_REFUSED, run_trial, storage_refusal
 
 RECORD_FILE = "service_plan.json"
 TUNE_STATE = "tuner.pkl"  # what Tuner.restore reads first
@@ -309,12 +310,22 @@ def run(plan: Plan, stored: dict[str, Any] | None, address: str | None) -> Outco
         if record is not None:
             terminal(client_for(record), record.parent_run_id, "KILLED", "interrupted")
         raise
-    except Exception:
-        if record is not None:
-            terminal(client_for(record), record.parent_run_id, "FAILED", "failed")
-        raise
+    except Exception as err:
+        refused = _refusal_in(err) if record is not None else None
+        if refused is None:  # Tune's own saves to a full storage end up here too: that is a stop, not a failure
+            if record is not None:
+                terminal(client_for(record), record.parent_run_id, "FAILED", "failed")
+            raise
+        StorageWatch.refused = StorageWatch.refused or refused
     finally:
         ray.shutdown()
+    if StorageWatch.refused is not None:
+        terminal(client_for(record), record.parent_run_id, "KILLED", "interrupted")
+        raise StorageRefused(
+            f"{plan.source}: storage.path {plan.storage} refused a checkpoint ({StorageWatch.refused}). The sweep "
+            "stopped; its trials keep their last checkpoints. Free space (or make the storage writable), then run "
+            "the same command with --resume"
+        )
     outcome = summarize(plan, record, time.monotonic() - started)
     if outcome.complete or outcome.time_budget_hit:
         close_stale(plan, record, "time budget" if not outcome.complete else LOST)
@@ -377,6 +388,52 @@ class RestoreGuard(tune.Callback):
             raise RestoreFailed(f"Ray Tune could not load the sweep's saved state: {RESTORE_WATCH.failure}")
 
 
+class CheckpointPruner(tune.Callback):
+    """Once a trial has ended (finished, stopped by ASHA, failed on purpose), only its last checkpoint stays in the
+    sweep's storage: no resume restores an ended trial, and the last checkpoint holds the final tables and records.
+    Tune keeps two per trial while it runs (`num_to_keep`), so a retry never restores from one being replaced."""
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        import pyarrow.fs
+
+        if trial.checkpoint is None:
+            return
+        keep = posixpath.basename(trial.checkpoint.path.rstrip("/"))
+        fs, folder = trial.storage.storage_filesystem, trial.storage.trial_fs_path
+        for entry in fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True)):
+            if entry.type == pyarrow.fs.FileType.Directory and entry.base_name.startswith("checkpoint_"):
+                if entry.base_name != keep:
+                    fs.delete_dir(entry.path)
+
+
+class StorageRefused(ConfigError):
+    """The sweep's storage refused a trial's checkpoint (full, over quota, read-only): the sweep stopped, resumable."""
+
+
+class StorageWatch(tune.Callback):
+    """Stops the sweep as Ctrl-C does when a trial reports that the storage refused its checkpoint: every other trial
+    would fail the same way, and a retry too; the trials keep their last checkpoints for --resume."""
+
+    refused: str | None = None  # the first refusal of this process (class level: Tune may hold an unpickled copy)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if STORAGE_REFUSED in result and StorageWatch.refused is None:
+            StorageWatch.refused = str(result[STORAGE_REFUSED])
+            print(f"[sweep] storage refused a checkpoint of {trial}: {StorageWatch.refused}; stopping", flush=True)
+            _stop_gracefully(signal.SIGINT, None)
+
+
+def _refusal_in(err: BaseException) -> str | None:
+    """The storage refusal behind an exception Tune raised (its own saves to a full storage), if any."""
+    seen: BaseException | None = err
+    while seen is not None:
+        refused = storage_refusal(seen)
+        if refused is not None:
+            return refused
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _stop_gracefully(signum: int, frame: Any) -> None:
     tune_stop = signal.getsignal(signal.SIGUSR1)  # Tune's graceful stop, installed while tuner.fit() runs
     if callable(tune_stop):
@@ -428,7 +485,7 @@ def _tuner(plan: Plan, record: SweepRecord, logger: MlflowTrialLogger, restore: 
             name=plan.sweep_name,
             storage_path=path,
             storage_filesystem=filesystem,
-            callbacks=[RestoreGuard(), logger, TrialEvents()],
+            callbacks=[RestoreGuard(), StorageWatch(), logger, TrialEvents(), CheckpointPruner()],
             failure_config=tune.FailureConfig(max_failures=search.max_failures),
             # two, so the one a retry restores from is never the one being replaced
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),

@@ -35,7 +35,7 @@ from ray import tune
 from service import leaderboard, secrets
 from service.leaderboard import Row
 from service.sampling import SERVICE_KEY
-from trainables.ray_trainable import ARTIFACTS, NOT_RETRIED
+from trainables.ray_trainable import ARTIFACTS, NO_METRICS, NOT_RETRIED
 
 PARENT = "mlflow.parentRunId"
 COMMIT = "mlflow.source.git.commit"
@@ -295,7 +295,7 @@ class MlflowTrialLogger(tune.Callback):
 
     def _do_result(self, trial: Any, result: dict, now: int) -> None:
         run_id = self._run_of(trial)
-        if NOT_RETRIED in result:  # no metrics: the completion records the failure
+        if any(k in result for k in NO_METRICS):  # no metrics (a failure: the completion records it)
             self._record_where(trial, run_id, result)
             return
         self._log_result(trial, run_id, result, now)
@@ -328,7 +328,9 @@ class MlflowTrialLogger(tune.Callback):
                 result = json.loads(line)
             except json.JSONDecodeError:  # a line cut by the kill
                 continue
-            if NOT_RETRIED not in result and int(result.get("step", -1)) > self._last_step[trial.trial_id]:
+            if any(k in result for k in NO_METRICS):
+                continue
+            if int(result.get("step", -1)) > self._last_step[trial.trial_id]:
                 self._log_result(trial, run_id, result, int(float(result.get("timestamp", time.time())) * 1000))
 
     def _log_result(self, trial: Any, run_id: str, result: dict, now: int) -> None:

@@ -12,9 +12,12 @@ trial's folder in storage holds its whole run. Every report also says where the 
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
+import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,11 @@ RUN_RECORDS = ("metrics.jsonl", "counts.json", "config.json")  # the loop's file
 #: result key of a trial that failed in a way a retry would repeat (training diverged, the GPU ran out of memory, an
 #: invalid configuration): the reason; no metrics come with it
 NOT_RETRIED = "not_retried"
+#: result key of a trial whose checkpoint the sweep's storage refused (full, over quota, read-only): the reason. The
+#: driver stops the whole sweep (resumable) on it; the trial waits, unfinished, until then
+STORAGE_REFUSED = "storage_refused"
+NO_METRICS = (NOT_RETRIED, STORAGE_REFUSED)  # result keys that come without metrics
+STORAGE_ERRORS = {errno.ENOSPC: "full", errno.EDQUOT: "over quota", errno.EROFS: "read-only"}
 
 
 def run_trial(config: dict[str, Any]) -> None:
@@ -70,6 +78,28 @@ def run_trial(config: dict[str, Any]) -> None:
         step = reporter.step if reporter is not None else 0  # the last evaluation's step in this attempt
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         tune.report({"step": step, NOT_RETRIED: f"{what}: {message}", **where})
+    except OSError as err:
+        refused = storage_refusal(err)
+        if refused is None:
+            raise
+        # a retry would fail the same way, and so would every other trial: the driver stops the sweep when it sees
+        # this, and the trial stays unfinished (its last checkpoint stands) so that --resume continues it
+        step = reporter.step if reporter is not None else 0
+        tune.report({"step": step, STORAGE_REFUSED: refused, **where})
+        while True:
+            time.sleep(60)
+
+
+def storage_refusal(err: BaseException) -> str | None:
+    """'full: <message>' (or over quota, read-only) when `err` is the storage refusing a write, else None. pyarrow's
+    copies to the sweep's storage raise OSError with the system's message but not always its errno."""
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if isinstance(err, OSError) and err.errno in STORAGE_ERRORS:
+        return f"{STORAGE_ERRORS[err.errno]}: {text}"
+    for code, what in STORAGE_ERRORS.items():
+        if os.strerror(code) in text:
+            return f"{what}: {text}"
+    return None
 
 
 def where_running() -> dict[str, str]:

@@ -181,6 +181,10 @@ def test_sweep_end_to_end(tmp_path):
         assert trial.state == OUTCOME_TO_OPTUNA[outcome]
         history = client.get_metric_history(child.info.run_id, "val/balanced_acc")
         assert trial.intermediate_values == {m.step: pytest.approx(m.value) for m in history}
+        # an ended trial keeps one checkpoint in storage (its last), not the two Tune keeps while it runs
+        (trial_dir,) = (tmp_path / "ray_results" / sweep_name).glob(f"{tags['ltssl.tune_trial_id']}_*")
+        (kept,) = trial_dir.glob("checkpoint_*")
+        assert (kept / "state.pt").is_file()
     assert presets == {"fixmatch", "fixmatch_daso", "fixmatch_drw"}
     outcomes = [c.data.tags["ltssl.outcome"] for c in children]
     # ASHA at reduction factor 3 keeps a trial past its first evaluation only when it is among the best third so
