@@ -222,3 +222,48 @@ def test_postgres_connections_dropped_mid_sweep(ray_cluster: RayCluster, tmp_pat
     assert driver.returncode == 0, output(driver)[-4000:]
     assert all(n >= 2 for n in dropped), dropped  # the server's and the driver's connections were open and cut
     assert_exact(client, "pg_drop", optuna_url)
+
+
+def test_a_full_storage_stops_the_sweep_and_resume_finishes_it(tmp_path):
+    """The sweep's storage (a 64 MB tmpfs) fills up mid-sweep: the sweep stops at the first refused checkpoint with
+    exit 2 and the reason, no trial is failed or retried for it, and once space is freed `--resume` finishes every
+    trial exactly once. Local Ray, MLflow and the study in sqlite files outside the full disk."""
+    from .peers import base_env
+
+    store = tmp_path / "store"
+    store.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(store)], check=True)
+    try:
+        text = SPACE.format(name="full_disk", optuna="sqlite:///optuna.db")
+        text = text.replace("storage: {path: results,", f"storage: {{path: '{store}',")
+        text = text.replace("resources: {cpu: 1, custom: {trial_slot: 1}}", "resources: {cpu: 1}")
+        text = text.replace("values: [0.03, 0.01]", "values: [0.03]").replace("max_concurrent: 2", "max_concurrent: 1")
+        (tmp_path / "space.yaml").write_text(text)
+        tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        client = MlflowClient(tracking)
+        driver = start(tmp_path, tracking, base_env())
+        wait_for(
+            "a trial with an evaluation",
+            lambda: any(int(c.data.tags.get("ltssl.last_step", -1)) >= EVERY for c in child_runs(client, "full_disk")),
+            driver,
+        )
+        filler = store / "filler"
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M"], capture_output=True)  # until ENOSPC
+        driver.wait(timeout=300)
+        out = output(driver)
+        assert driver.returncode == 2, out[-4000:]
+        assert f"storage.path {store} refused a checkpoint (full: " in out and "No space left on device" in out
+        assert "with --resume" in out and "Traceback" not in out.split("[sweep]")[-1]
+        children = child_runs(client, "full_disk")
+        assert children and all(c.data.tags["ltssl.outcome"] in ("finished", "interrupted") for c in children)
+        assert not any("ltssl.retries" in c.data.tags for c in children)  # not retried against a full disk
+        parent = client.get_run(children[0].data.tags["mlflow.parentRunId"])
+        assert (parent.info.status, parent.data.tags["ltssl.outcome"]) == ("KILLED", "interrupted")
+
+        filler.unlink()
+        resumed = start(tmp_path, tracking, base_env(), "--resume")
+        resumed.wait(timeout=600)
+        assert resumed.returncode == 0, output(resumed)[-4000:]
+        assert_exact(client, "full_disk", f"sqlite:///{tmp_path / 'optuna.db'}", planned=3)
+    finally:
+        subprocess.run(["umount", "-l", str(store)], check=False)

@@ -367,3 +367,23 @@ def test_a_resume_whose_saved_state_does_not_load_stops_and_changes_nothing(tmp_
     assert [r.info.run_id for r in after] == [r.info.run_id for r in before]
     assert [(r.info.status, r.info.end_time) for r in after] == [(r.info.status, r.info.end_time) for r in before]
     assert (parent_after.info.status, parent_after.data.tags["ltssl.outcome"]) == ("FINISHED", "finished")
+
+
+def test_trials_cut_by_the_time_budget_are_closed_in_both_stores(tmp_path):
+    # the budget ends the sweep mid-trial: nothing may stay RUNNING (TPE's constant liar would count it in flight)
+    text = RESUMABLE.replace("iterations: 60", "iterations: 2000").replace(
+        "max_concurrent: 1\n", "max_concurrent: 1\n  time_budget_s: 25\n"
+    )
+    (tmp_path / "space.yaml").write_text(text + 'storage: {optuna: "sqlite:///optuna.db"}\n')
+    out = cli(tmp_path, "--space", "space.yaml")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "The time budget of 25 s ended the sweep." in out.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    _, parent, children = runs_of(client, "resumable")
+    assert (parent.info.status, parent.data.tags["ltssl.outcome"]) == ("FINISHED", "time budget")
+    assert children and all(
+        (c.info.status, c.data.tags["ltssl.outcome"]) == ("KILLED", "time budget") for c in children
+    )
+    study = optuna.load_study(study_name=parent.info.run_name, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert study.trials and all(t.state == TrialState.FAIL for t in study.trials)
+    assert all(t.user_attrs["ltssl_outcome"] == "time budget" for t in study.trials)
