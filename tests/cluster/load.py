@@ -1,7 +1,7 @@
 """Load: a sweep of many cheap trials with ASHA, its records checked, and the service's overhead measured against the
 same training function called directly in a loop (a benchmark, not a timed test; nothing else should run meanwhile).
 
-    python -m tests.cluster.load [--trials 200] [--evaluations 100]
+    python -m tests.cluster.load [--trials 200] [--evaluations 100] [--mlflow-only]
 
 1. `python -m service.tune` on a TPE + ASHA space of `--trials` trials (40 iterations, an evaluation every 10), one
    trial at a time on a new local Ray, MLflow in a sqlite file, the study in a sqlite database. Wall time from launch
@@ -12,9 +12,10 @@ same training function called directly in a loop (a benchmark, not a timed test;
    (one thread, as Ray gives a one-CPU trial), checkpoints and records written as in the sweep. Wall time.
    Overhead per trial = (sweep - direct) / trials; the ratio sweep / direct; that overhead as a share of a one-minute
    trial.
-4. MLflow write throughput of one evaluation of a 100-class data set (the real result keys of a 10-class run, the
-   per-class ones widened to 100 classes: 738 metrics) through the sweep's own writer path
-   (`MlflowTrialLogger._do_result`), into a sqlite store and into an MLflow server on PostgreSQL.
+4. MLflow write throughput of one evaluation of a 100-class data set (the keys a real 10-class DRw evaluation
+   reports, the per-class ones widened to 100 classes) through the sweep's own writer path
+   (`MlflowTrialLogger._do_result`), into a sqlite store and into an MLflow server on PostgreSQL, with the
+   per-class keys (every `tracking.per_class_every`-th evaluation) and without them (the evaluations in between).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+SYNTHETIC = Path(__file__).resolve().parents[2] / "trainables" / "configs" / "repro_synthetic.yaml"
 SPACE = """
 experiment: load
 base_file: {repo}/trainables/configs/repro_synthetic.yaml
@@ -126,14 +128,17 @@ def run_direct(where: Path) -> tuple[float, int]:
 
 
 def payload(classes: int, where: Path) -> dict[str, float]:
-    """One evaluation's result with `classes` classes: a real 10-class result, its per-class keys widened."""
+    """One evaluation's result with `classes` classes: what a real 10-class evaluation of the synthetic
+    configuration (DRw on, so its per-class weights are in) reports, its per-class keys widened."""
+    from trainables.config import load_config
+    from trainables.loop import train
     from trainables.metrics import class_key
 
-    (result,) = [
-        json.loads(p.read_text().splitlines()[0]) for p in list(where.glob("ray_results/load-*/*/result.json"))[:1]
-    ]
+    cfg = load_config(SYNTHETIC, overrides=["train.iterations=10", "train.eval_every=10", "method.preset=fixmatch_drw"])
+    reported: list[dict] = []
+    train(cfg, where / "payload", report=lambda metrics, checkpoint: reported.append(metrics), progress=False)
     out = {}
-    for key, value in result.items():
+    for key, value in reported[-1].items():
         if "/" not in key or not isinstance(value, int | float):
             continue
         match = re.fullmatch(r"(.*/)c\d+", key)
@@ -159,7 +164,7 @@ def mlflow_throughput(uri: str, result: dict[str, float], evaluations: int, per_
     logger = MlflowTrialLogger(record)
     config = {"train": {"iterations": evaluations * 10}, "method": {"preset": "fixmatch"}}
     config["service"] = {"optuna_trial": 0, "run_name": "t000", "params": {}}
-    trial = SimpleNamespace(trial_id="bench", config=config, checkpoint=None, last_result={}, error=None)
+    trial = SimpleNamespace(trial_id="bench", config=config, checkpoint=None, last_result={}, error=None, results=None)
     logger._do_start(trial)
     started = time.perf_counter()
     for i in range(1, evaluations + 1):
@@ -168,39 +173,47 @@ def mlflow_throughput(uri: str, result: dict[str, float], evaluations: int, per_
     return evaluations / took, took / evaluations
 
 
+def sweep_against_direct(where: Path, trials: int) -> None:
+    sweep = run_sweep(where, trials)
+    outcomes = check_records(where, trials)
+    direct, n = run_direct(where)
+    per_trial = (sweep - direct) / n
+    print(f"trials: {n} ({', '.join(f'{v} {k}' for k, v in sorted(outcomes.items()))}); records exact")
+    print(f"sweep (python -m service.tune, launch to exit): {sweep:.1f} s")
+    print(f"direct (trainables.loop.train in a loop, same trials and iterations): {direct:.1f} s")
+    print(f"ratio sweep / direct: {sweep / direct:.3f} (a trial: {direct / n:.2f} s direct)")
+    print(f"service overhead per trial: {per_trial:.2f} s = {per_trial / 60 * 100:.1f} % of a one-minute trial")
+
+
+def mlflow_writes(where: Path, evaluations: int) -> None:
+    from .peers import databases, mlflow_server, s3_server
+
+    result = payload(100, where)
+    summary = sum(1 for k in result if not re.search(r"/c\d+$", k))
+    print(f"MLflow payload: {len(result)} metrics per evaluation with the per-class keys, {summary} without")
+    rates = {}
+    with databases() as create, s3_server(where) as s3, mlflow_server(where, create(), s3) as url:
+        for store, uri in [("sqlite", f"sqlite:///{where / 'throughput.db'}"), ("server on PostgreSQL", url)]:
+            for per_class in (True, False):
+                rates[store, per_class] = mlflow_throughput(uri, result, evaluations, per_class)
+    for (store, per_class), (rate, seconds) in rates.items():
+        size = len(result) if per_class else summary
+        print(
+            f"MLflow writes, {store}, {'every key' if per_class else 'summary keys'}: {rate:.1f} evaluations/s "
+            f"({seconds * 1000:.0f} ms each, {rate * size:.0f} metrics/s)"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=200)
     parser.add_argument("--evaluations", type=int, default=100, help="evaluations written per MLflow store")
+    parser.add_argument("--mlflow-only", action="store_true", help="only the MLflow write throughput (step 4)")
     args = parser.parse_args()
-    from .peers import databases, mlflow_server, s3_server
-
     with tempfile.TemporaryDirectory(prefix="ltssl-load-") as tmp:
-        where = Path(tmp)
-        sweep = run_sweep(where, args.trials)
-        outcomes = check_records(where, args.trials)
-        direct, n = run_direct(where)
-        per_trial = (sweep - direct) / n
-        print(f"trials: {n} ({', '.join(f'{v} {k}' for k, v in sorted(outcomes.items()))}); records exact")
-        print(f"sweep (python -m service.tune, launch to exit): {sweep:.1f} s")
-        print(f"direct (trainables.loop.train in a loop, same trials and iterations): {direct:.1f} s")
-        print(f"ratio sweep / direct: {sweep / direct:.3f} (a trial: {direct / n:.2f} s direct)")
-        print(f"service overhead per trial: {per_trial:.2f} s = {per_trial / 60 * 100:.1f} % of a one-minute trial")
-
-        result = payload(100, where)
-        summary = sum(1 for k in result if not re.search(r"/c\d+$", k))
-        print(f"MLflow payload: {len(result)} metrics per evaluation with the per-class keys, {summary} without")
-        rates = {}
-        with databases() as create, s3_server(where) as s3, mlflow_server(where, create(), s3) as url:
-            for store, uri in [("sqlite", f"sqlite:///{where / 'throughput.db'}"), ("server on PostgreSQL", url)]:
-                for per_class in (True, False):
-                    rates[store, per_class] = mlflow_throughput(uri, result, args.evaluations, per_class)
-        for (store, per_class), (rate, seconds) in rates.items():
-            size = len(result) if per_class else summary
-            print(
-                f"MLflow writes, {store}, {'every key' if per_class else 'summary keys'}: {rate:.1f} evaluations/s "
-                f"({seconds * 1000:.0f} ms each, {rate * size:.0f} metrics/s)"
-            )
+        if not args.mlflow_only:
+            sweep_against_direct(Path(tmp), args.trials)
+        mlflow_writes(Path(tmp), args.evaluations)
 
 
 if __name__ == "__main__":
