@@ -360,24 +360,28 @@ class RestoreFailed(ConfigError):
     """Tune could not load the sweep's saved state on --resume (it would start the sweep over instead)."""
 
 
-class _RestoreWatch(logging.Handler):
-    """Tune logs a failed restore of its saved state and then starts the whole experiment over, under the same
-    parent run; this notes the failure so that `RestoreGuard` stops the sweep before any trial starts."""
+class _RestoreWatch(logging.Filter):
+    """Tune logs a failed restore of its saved state (with a traceback) and then starts the whole experiment over,
+    under the same parent run; this filter on Tune's logger takes that record instead, noting the failure so that
+    `RestoreGuard` stops the sweep before any trial starts, with one clear error."""
 
     MESSAGE = "Failed to restore the run state"
 
     def __init__(self) -> None:
-        super().__init__(logging.ERROR)
+        super().__init__()
         self.failure: str | None = None
 
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage().startswith(self.MESSAGE) and self.failure is None:
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith(self.MESSAGE):
+            return True
+        if self.failure is None:
             error = record.exc_info[1] if record.exc_info else None
             self.failure = f"{type(error).__name__}: {error}" if error else record.getMessage()
+        return False
 
 
 RESTORE_WATCH = _RestoreWatch()
-logging.getLogger("ray.tune.execution.tune_controller").addHandler(RESTORE_WATCH)
+logging.getLogger("ray.tune.execution.tune_controller").addFilter(RESTORE_WATCH)
 
 
 class RestoreGuard(tune.Callback):
