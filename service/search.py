@@ -56,6 +56,9 @@ class SweepSearch(OptunaSearch):
             study_name=plan.sweep_name,
             storage=storage,
         )
+        if storage is not None and self._ot_study.get_trials(deepcopy=False):
+            # a new searcher on a study that has trials: a sweep rebuilt after its Tune state was lost
+            self._adopt_unknown_trials()
 
     @property
     def study(self) -> optuna.Study:
@@ -143,6 +146,9 @@ class SweepSearch(OptunaSearch):
         self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage, sampler=self._sampler)
         self._ot_trials = {tid: optuna.Trial(self._ot_study, trial_id) for tid, trial_id in self._ot_trials.items()}
         self._unchecked = set(self._ot_trials) - self._completed_trials
+        self._adopt_unknown_trials()
+
+    def _adopt_unknown_trials(self) -> None:
         owned = {trial._trial_id for trial in self._ot_trials.values()}
         unknown = [t for t in self._ot_study.get_trials(deepcopy=False) if t._trial_id not in owned]
         self._orphans = sorted(t._trial_id for t in unknown if t.state == optuna.trial.TrialState.RUNNING)

@@ -297,7 +297,22 @@ def run(plan: Plan, stored: dict[str, Any] | None, address: str | None) -> Outco
         tuner = _tuner(plan, record, MlflowTrialLogger(record), restore=stored is not None)
         if stored is None:
             write_record(plan, record)
-        tuner.fit()
+        try:
+            tuner.fit()
+        except RestoreFailed as err:
+            if plan.optuna_storage is None:
+                raise
+            # a torn saved state (e.g. written to a storage that was full): the study in its database and the MLflow
+            # runs hold what Tune's state would; a new Tune experiment on them takes the cut trials over, counts
+            # the ended ones and reruns nothing
+            torn = set_aside_tune_state(plan)
+            print(
+                f"[sweep] resume: Tune's saved state is unreadable ({err}); set aside as {', '.join(torn)}. "
+                "Rebuilding the sweep from its study in the database and its MLflow runs",
+                flush=True,
+            )
+            RESTORE_WATCH.failure = None
+            _tuner(plan, record, MlflowTrialLogger(record), restore=False).fit()
     except RestoreFailed as err:
         # nothing ran: the parent run goes back to how the sweep left it
         client_for(record).update_run(record.parent_run_id, status=previous[0])
@@ -382,6 +397,19 @@ class _RestoreWatch(logging.Filter):
 
 RESTORE_WATCH = _RestoreWatch()
 logging.getLogger("ray.tune.execution.tune_controller").addFilter(RESTORE_WATCH)
+
+
+def set_aside_tune_state(plan: Plan) -> list[str]:
+    """Rename Tune's experiment state files of the sweep to `*.unreadable`; their new names."""
+    import pyarrow.fs
+
+    fs, folder = plan.sweep_location.filesystem()
+    moved = []
+    for entry in fs.get_file_info(pyarrow.fs.FileSelector(folder)):
+        if entry.base_name.startswith("experiment_state-") and entry.base_name.endswith(".json"):
+            fs.move(entry.path, f"{entry.path}.unreadable")
+            moved.append(f"{entry.base_name}.unreadable")
+    return moved
 
 
 class RestoreGuard(tune.Callback):
