@@ -185,22 +185,19 @@ class SpareNode:
 
 @contextmanager
 def spare_nodes(cluster: RayCluster, where: Path, resources: dict[str, dict[str, float]]) -> Iterator[dict]:
-    """Worker nodes added to `cluster` for one test ({name: resources}); waits until Ray counts them alive."""
-    nodes = {
-        name: SpareNode(cluster, name, {**res, f"node_{name}": 1}, where / f"node-{name}.log")
-        for name, res in resources.items()
-    }
+    """Worker nodes added to `cluster` for one test ({name: resources}), started one at a time (two raylets starting
+    at once on 2 cores can miss Ray's start-up deadline), each waited for until Ray counts it alive."""
+    nodes: dict[str, SpareNode] = {}
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            alive = _node_ids(cluster.python, cluster.address, cluster.env)
-            ids = {name: i for i, res in alive.items() for name in nodes if res.get(f"node_{name}")}
-            if len(ids) == len(nodes):
-                break
-            assert time.monotonic() < deadline, f"the spare nodes did not join: {alive}"
-            time.sleep(1)
-        for name, node in nodes.items():
-            node.node_id = ids[name]
+        for name, res in resources.items():
+            node = nodes[name] = SpareNode(cluster, name, {**res, f"node_{name}": 1}, where / f"node-{name}.log")
+            deadline = time.monotonic() + 120
+            while not node.node_id:
+                alive = _node_ids(cluster.python, cluster.address, cluster.env)
+                node.node_id = next((i for i, r in alive.items() if r.get(f"node_{name}")), "")
+                assert node.node_id or time.monotonic() < deadline, f"spare node {name} did not join: {alive}"
+                if not node.node_id:
+                    time.sleep(1)
         yield nodes
     finally:
         for node in nodes.values():
