@@ -446,7 +446,6 @@ class MlflowTrialLogger(tune.Callback):
             run_id = kept[0].info.run_id if kept else run_id
             self._runs[tid] = run_id
             self._backfill(trial, run_id)  # a trial Tune's saved state holds, whose run a killed driver never made
-        self._runs[tid] = run_id
         self._ended.discard(tid)
         return run_id
 

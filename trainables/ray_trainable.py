@@ -68,13 +68,8 @@ def run_trial(config: dict[str, Any]) -> None:
         tune.report({"step": err.step, NOT_RETRIED: str(err), **where})
     except (ConfigError, DatasetNotFoundError, torch.OutOfMemoryError) as err:
         # the same configuration with the same data on the same device fails the same way: no blind retries either
-        what = (
-            "out of memory"
-            if isinstance(err, torch.OutOfMemoryError)
-            else "data set missing"
-            if isinstance(err, DatasetNotFoundError)
-            else "invalid configuration"
-        )
+        kinds = ((torch.OutOfMemoryError, "out of memory"), (DatasetNotFoundError, "data set missing"))
+        what = next((name for kind, name in kinds if isinstance(err, kind)), "invalid configuration")
         step = reporter.step if reporter is not None else 0  # the last evaluation's step in this attempt
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         tune.report({"step": step, NOT_RETRIED: f"{what}: {message}", **where})
