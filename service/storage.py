@@ -107,21 +107,33 @@ class Location:
         fs.delete_dir(path)
 
     def read_text(self) -> str:
+        return self.read_bytes().decode()
+
+    def read_bytes(self) -> bytes:
         fs, path = self.filesystem()
         with fs.open_input_stream(path) as f:
-            return f.read().decode()
+            return f.read()
 
     def write_text(self, text: str) -> None:
+        self.write_bytes(text.encode())
+
+    def write_bytes(self, data: bytes) -> None:
         """Write the whole file at once: an object store PUT, or a rename on a local or mounted disk."""
         fs, path = self.filesystem()
         fs.create_dir(posixpath.dirname(path), recursive=True)
         if self.remote:
             with fs.open_output_stream(path) as f:
-                f.write(text.encode())
+                f.write(data)
             return
         tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+
+    def delete(self) -> None:
+        """Remove the file (nothing when it is not there)."""
+        fs, path = self.filesystem()
+        if fs.get_file_info(path).type == pyarrow.fs.FileType.File:
+            fs.delete_file(path)

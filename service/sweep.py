@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import posixpath
 import re
 import signal
@@ -19,7 +20,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import optuna
@@ -35,12 +36,14 @@ from service.search import build_scheduler, build_searcher, study_storage
 from service.space import describe
 from service.tracking import (
     COMMIT,
+    FLUSH_TIMEOUT_S,
     LOST,
     OUTCOME,
     PARENT,
     ROLE,
     SPACE_HASH,
     SWEEP,
+    UNWRITTEN,
     MlflowTrialLogger,
     SweepRecord,
     children,
@@ -277,6 +280,10 @@ def run(plan: Plan, stored: dict[str, Any] | None, address: str | None) -> Outco
         shipped = f", code shipped: {len(cluster.code_files())} files" if runtime_env else ""
         print(f"[sweep] ray: connected in {time.perf_counter() - connecting:.1f} s{shipped}", flush=True)
     started = time.monotonic()
+    # what Tune's callbacks note for this sweep lives on their classes (Tune may hold unpickled copies of them)
+    StorageWatch.refused, RESTORE_WATCH.failure = None, None
+    CheckpointPruner.ended, CheckpointPruner.started = [], False
+    MlflowTrialLogger.unwritten = []
     record = None
     previous = ("KILLED", "interrupted")  # a resumed sweep's parent run as it was (status, outcome)
     try:
@@ -294,6 +301,7 @@ def run(plan: Plan, stored: dict[str, Any] | None, address: str | None) -> Outco
             previous = (before.info.status, before.data.tags.get(OUTCOME, "running"))
             client.update_run(record.parent_run_id, status="RUNNING")
             client.set_tag(record.parent_run_id, OUTCOME, "running")
+            replay_unwritten(plan, record)
         tuner = _tuner(plan, record, MlflowTrialLogger(record), restore=stored is not None)
         if stored is None:
             write_record(plan, record)
@@ -312,7 +320,10 @@ def run(plan: Plan, stored: dict[str, Any] | None, address: str | None) -> Outco
                 flush=True,
             )
             RESTORE_WATCH.failure = None
+            CheckpointPruner.ended, CheckpointPruner.started = [], False
             _tuner(plan, record, MlflowTrialLogger(record), restore=False).fit()
+        if StorageWatch.refused is None:  # Tune saved its final state: the trials that ended are ended there too
+            CheckpointPruner.prune_ended()
     except RestoreFailed as err:
         # nothing ran: the parent run goes back to how the sweep left it
         client_for(record).update_run(record.parent_run_id, status=previous[0])
@@ -333,6 +344,8 @@ def run(plan: Plan, stored: dict[str, Any] | None, address: str | None) -> Outco
             raise
         StorageWatch.refused = StorageWatch.refused or refused
     finally:
+        if record is not None:
+            save_unwritten(plan)
         ray.shutdown()
     if StorageWatch.refused is not None:
         terminal(client_for(record), record.parent_run_id, "KILLED", "interrupted")
@@ -349,6 +362,38 @@ def run(plan: Plan, stored: dict[str, Any] | None, address: str | None) -> Outco
     summary = "finished" if outcome.complete else "time budget" if outcome.time_budget_hit else "interrupted"
     terminal(client_for(record), record.parent_run_id, status, summary)
     return outcome
+
+
+def replay_unwritten(plan: Plan, record: SweepRecord) -> None:
+    """Make the MLflow writes an earlier session of the sweep could not (MLflow was down at its end), before any
+    trial reports; what still fails stays in the file."""
+    where = plan.sweep_location / UNWRITTEN
+    if not where.is_file():
+        return
+    writes = pickle.loads(where.read_bytes())
+    print(f"[sweep] tracking: making {len(writes)} MLflow write(s) an earlier session left undone", flush=True)
+    left = MlflowTrialLogger(record).replay(writes, FLUSH_TIMEOUT_S)
+    if left:  # the file keeps those only; this session's own are added to them at its end
+        where.write_bytes(pickle.dumps(MlflowTrialLogger.unwritten))
+        MlflowTrialLogger.unwritten = []
+        print(f"[sweep] tracking: {len(left)} of them still failed; kept in {where}", flush=True)
+    else:
+        where.delete()
+
+
+def save_unwritten(plan: Plan) -> None:
+    """Save the MLflow writes this session left undone (`MlflowTrialLogger.unwritten`) in the sweep's folder, after
+    those an earlier session left and this one could not make either; `--resume` makes them."""
+    if not MlflowTrialLogger.unwritten:
+        return
+    where = plan.sweep_location / UNWRITTEN
+    try:
+        earlier = pickle.loads(where.read_bytes()) if where.is_file() else []
+        where.write_bytes(pickle.dumps(earlier + MlflowTrialLogger.unwritten))
+    except OSError as err:
+        print(f"[sweep] tracking: could not save the undone MLflow writes in {where}: {err}", flush=True)
+        return
+    MlflowTrialLogger.unwritten = []
 
 
 def close_stale(plan: Plan, record: SweepRecord, outcome: str) -> None:
@@ -421,21 +466,47 @@ class RestoreGuard(tune.Callback):
 
 
 class CheckpointPruner(tune.Callback):
-    """Once a trial has ended (finished, stopped by ASHA, failed on purpose), only its last checkpoint stays in the
-    sweep's storage: no resume restores an ended trial, and the last checkpoint holds the final tables and records.
-    Tune keeps two per trial while it runs (`num_to_keep`), so a retry never restores from one being replaced."""
+    """Once a trial has ended (finished, stopped by ASHA, failed on purpose) and a saved Tune state on storage says so,
+    only its last checkpoint stays in the sweep's storage: the last checkpoint holds the final tables and records.
+    Tune keeps two per trial while it runs (`num_to_keep`), so a retry never restores from one being replaced.
+
+    Not before the saved state says so: a state saved while the trial ran names the checkpoint it was at then, and a
+    driver killed before the next save resumes the trial from that one (and re-runs its last evaluations, which the
+    MLflow logger and the searcher already hold). So the trials restored as ended are pruned at the first step, and
+    those that end in this session once `tuner.fit()` has returned (Tune saved its final state): `prune_ended()`."""
+
+    ended: ClassVar[list[Any]] = []  # class level: a restored Tuner holds an unpickled copy of this callback
+    started: ClassVar[bool] = False
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if CheckpointPruner.started:
+            return
+        CheckpointPruner.started = True
+        for trial in trials:  # at the first step: the trials a --resume restored, ended as the saved state has them
+            if trial.status in ("TERMINATED", "ERROR"):
+                _prune(trial)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        import pyarrow.fs
+        CheckpointPruner.ended.append(trial)
 
-        if trial.checkpoint is None:
-            return
-        keep = posixpath.basename(trial.checkpoint.path.rstrip("/"))
-        fs, folder = trial.storage.storage_filesystem, trial.storage.trial_fs_path
-        for entry in fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True)):
-            if entry.type == pyarrow.fs.FileType.Directory and entry.base_name.startswith("checkpoint_"):
-                if entry.base_name != keep:
-                    fs.delete_dir(entry.path)
+    @classmethod
+    def prune_ended(cls) -> None:
+        while cls.ended:
+            _prune(cls.ended.pop())
+
+
+def _prune(trial: Any) -> None:
+    """Delete every checkpoint of `trial` in the sweep's storage but its last."""
+    import pyarrow.fs
+
+    if trial.checkpoint is None:
+        return
+    keep = posixpath.basename(trial.checkpoint.path.rstrip("/"))
+    fs, folder = trial.storage.storage_filesystem, trial.storage.trial_fs_path
+    for entry in fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True)):
+        if entry.type == pyarrow.fs.FileType.Directory and entry.base_name.startswith("checkpoint_"):
+            if entry.base_name != keep:
+                fs.delete_dir(entry.path)
 
 
 class StorageRefused(ConfigError):

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, ClassVar
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
@@ -111,6 +111,7 @@ RESULT_FILE = "result.json"  # Tune's log of a trial's results, one JSON object 
 ENDED = ("finished", "pruned", "failed")  # outcomes of a trial that ended (its run is closed)
 FLUSH_TIMEOUT_S = float(os.environ.get("LTSSL_MLFLOW_FLUSH_TIMEOUT_S", "300"))  # at the sweep's end
 MAX_RETRY_DELAY_S = 30.0
+UNWRITTEN = "unwritten_mlflow.pkl"  # in the sweep folder: writes an MLflow outage left undone; --resume makes them
 
 
 def _view(trial: Any) -> SimpleNamespace:
@@ -144,7 +145,13 @@ def _failure_kind(err: Exception) -> str:
 
 
 class MlflowTrialLogger(tune.Callback):
-    """Child runs for the trials of one sweep (see the module docstring for why this runs in the driver)."""
+    """Child runs for the trials of one sweep (see the module docstring for why this runs in the driver).
+
+    Every write is idempotent (runs found by their tags, evaluations skipped by step), so a write made twice records
+    once: the writes still undone when the sweep ends (MLflow down for longer than `FLUSH_TIMEOUT_S`) are kept, with
+    their arguments, in `unwritten` for the sweep to save (`save_unwritten`) and a `--resume` to make (`replay`)."""
+
+    unwritten: ClassVar[list[tuple[str, tuple]]] = []  # class level: Tune may hold an unpickled copy of the logger
 
     def __init__(self, record: SweepRecord):
         self.record = record
@@ -163,6 +170,9 @@ class MlflowTrialLogger(tune.Callback):
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._closing = False
+        self._wake = threading.Event()  # set when the sweep's end gives up: a write waiting to retry stops waiting
+        self._current: tuple[Callable, tuple] | None = None  # the write the writer thread is making
+        self._given_up: list[tuple[Callable, tuple]] = []  # writes the writer stopped retrying at the sweep's end
         self._bug: Exception | None = None
         self._reconciled = False
 
@@ -220,9 +230,9 @@ class MlflowTrialLogger(tune.Callback):
         )
         if left:
             print(
-                f"[sweep] tracking: {len(left)} MLflow write(s) still failed after {FLUSH_TIMEOUT_S:g} s and were "
-                f"dropped ({', '.join(left[:10])}{', ...' if len(left) > 10 else ''}); the trials' runs stay as they "
-                "were, and --resume reopens the unfinished ones",
+                f"[sweep] tracking: {len(left)} MLflow write(s) still failed after {FLUSH_TIMEOUT_S:g} s "
+                f"({', '.join(left[:10])}{', ...' if len(left) > 10 else ''}); they are saved with the sweep, and "
+                "the same command with --resume makes them once MLflow answers",
                 flush=True,
             )
 
@@ -235,27 +245,45 @@ class MlflowTrialLogger(tune.Callback):
         self._queue.put((task, args))
 
     def flush(self, timeout: float) -> list[str]:
-        """Wait until every queued write is done, at most `timeout` s; the names of those left undone."""
+        """Wait until every queued write is done, at most `timeout` s; the names of those left undone, which are
+        added to `unwritten` (with the one being retried: making it again records nothing twice)."""
         deadline = time.monotonic() + timeout
         while self._queue.unfinished_tasks and time.monotonic() < deadline:
             time.sleep(0.05)
         if not self._queue.unfinished_tasks:
             return []
-        self._closing = True  # the writer gives up on the one it retries; the rest are listed and dropped
-        left = []
+        self._closing = True  # the writer gives up on the write it retries; the queued ones are taken off the queue
+        self._wake.set()
+        queued = []
         while True:
             try:
-                task, _ = self._queue.get_nowait()
+                queued.append(self._queue.get_nowait())
             except queue.Empty:
                 break
-            left.append(task.__name__.removeprefix("_do_"))
             self._queue.task_done()
-        return left
+        idle_by = time.monotonic() + MAX_RETRY_DELAY_S
+        while self._queue.unfinished_tasks and time.monotonic() < idle_by:
+            time.sleep(0.05)
+        # a write still hanging in a call is kept too: made twice, it records once
+        hanging = [self._current] if self._current is not None and self._queue.unfinished_tasks else []
+        undone = self._given_up + hanging + queued
+        self._given_up = []
+        MlflowTrialLogger.unwritten.extend((task.__name__, args) for task, args in undone)
+        return [task.__name__.removeprefix("_do_") for task, _ in undone]
+
+    def replay(self, writes: list[tuple[str, tuple]], timeout: float) -> list[str]:
+        """Make writes an earlier session left undone (`unwritten`), in their order; the names of those still
+        undone after `timeout` s (kept in `unwritten` again)."""
+        for name, args in writes:
+            self._submit(getattr(self, name), *args)
+        return self.flush(timeout)
 
     def _drain(self) -> None:
         while True:
             task, args = self._queue.get()
+            self._current = (task, args)
             self._run_task(task, args)
+            self._current = None
             self._queue.task_done()
 
     def _run_task(self, task: Callable, args: tuple) -> None:
@@ -275,8 +303,11 @@ class MlflowTrialLogger(tune.Callback):
                     traceback.print_exc()
                     self._bug = self._bug or err
                     return
-                if kind == "refused" or self._closing:
+                if kind == "refused":  # MLflow's answer to this write: making it again would get the same
                     print(f"[sweep] tracking: MLflow refused a write ({task.__name__}): {err}", flush=True)
+                    return
+                if self._closing:
+                    self._given_up.append((task, args))
                     return
                 if not warned:
                     print(
@@ -285,7 +316,7 @@ class MlflowTrialLogger(tune.Callback):
                         flush=True,
                     )
                     warned = True
-                time.sleep(delay)
+                self._wake.wait(delay)
                 delay = min(delay * 2, MAX_RETRY_DELAY_S)
 
     # ---- the work, in the writer thread ------------------------------------------------------------------------

@@ -4,6 +4,7 @@ the logger reads from Tune's Trial (trial_id, config, checkpoint, get_error)."""
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import time
 from pathlib import Path
@@ -178,6 +179,35 @@ def test_a_trial_that_ended_before_the_kill_is_closed_on_resume(plan, record, tm
     again.on_step_begin(0, [trial])
     again.flush(30)
     assert MlflowClient(record.tracking_uri).get_run(run.info.run_id).info.end_time == ended
+
+
+def test_writes_mlflow_refuses_to_take_at_the_end_are_kept_and_made_by_a_later_session(plan, record, monkeypatch):
+    # the tracking server is down from the start of the trial to past the sweep's end (nothing listens on port 9)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setattr(MlflowTrialLogger, "unwritten", [])
+    down = MlflowTrialLogger(dataclasses.replace(record, tracking_uri="http://127.0.0.1:9"))
+    trial = make_trial(plan, "abc_00020", number=7)
+    down.on_trial_start(0, [], trial)
+    for step in (20, 40, 60, 80):
+        down.on_trial_result(0, [], trial, result(step, step / 100))
+    down.on_trial_complete(0, [], trial)
+    left = down.flush(2)
+    assert left == ["start", "result", "result", "result", "result", "complete"]
+    assert children(record) == []
+    writes = pickle.loads(pickle.dumps(MlflowTrialLogger.unwritten))  # what the sweep saves in its folder
+    assert [name for name, _ in writes] == [f"_do_{name}" for name in left]
+
+    MlflowTrialLogger.unwritten = []
+    assert MlflowTrialLogger(record).replay(writes, 30) == []  # --resume, MLflow back
+    assert MlflowTrialLogger(record).replay(writes, 30) == []  # made twice (a resume killed mid-replay): once
+    (run,) = children(record)
+    assert (run.info.status, run.data.tags[OUTCOME], run.data.tags["ltssl.optuna_trial"]) == (
+        "FINISHED",
+        "finished",
+        "7",
+    )
+    assert history(record, run.info.run_id, "val/balanced_acc") == [(20, 0.2), (40, 0.4), (60, 0.6), (80, 0.8)]
+    assert MlflowTrialLogger.unwritten == []
 
 
 def test_per_class_metrics_every_kth_evaluation_and_the_last(plan, record):
