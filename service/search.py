@@ -9,7 +9,14 @@
 - with the study in a database, a restored searcher reconciles it with Tune's saved state (a driver killed after
   its last snapshot): trials the study handed out since then and that were cut short are taken over by the next
   Tune trials (same Optuna trial, same values), ended ones count toward the planned number, and a trial whose record
-  ended meanwhile keeps that record.
+  ended meanwhile keeps that record;
+- a Tune trial that a resume continues although its Optuna trial was closed as failed (cut by the time budget, or
+  errored and retried with --retry-failed) continues as a new Optuna trial with the same values and the intermediate
+  values so far, marked `continues_trial` = the closed trial's number: Optuna never reopens a finished trial, and its
+  history keeps the closed one. The planned number counts each chain once.
+
+`SweepGenerator` is Tune's generator of trials around the searcher, with the planned number of trials a resume may
+raise (`planned`; Tune restores the number the sweep started with from its saved state).
 """
 
 from __future__ import annotations
@@ -17,11 +24,12 @@ from __future__ import annotations
 import math
 import pickle
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import optuna
+from optuna.trial import TrialState
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
-from ray.tune.search import ConcurrencyLimiter, Searcher
+from ray.tune.search import ConcurrencyLimiter, Searcher, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from service import secrets
@@ -32,6 +40,7 @@ from trainables.ray_trainable import NO_METRICS, NOT_RETRIED
 EVALUATION = "evaluation"  # result key: 1-based evaluation index, ASHA's time unit (added by the trainable)
 STEP = "step"  # result key: training iteration of the evaluation (from the loop)
 TRAINING_ITERATION = "training_iteration"  # Tune's own report counter, which OptunaSearch reports at
+CONTINUES = "continues_trial"  # user attribute of an Optuna trial that continues a closed one: the closed one's number
 
 
 class SweepSearch(OptunaSearch):
@@ -70,7 +79,7 @@ class SweepSearch(OptunaSearch):
                 # a trial the study handed out after Tune's last snapshot, cut by the driver's death: this Tune trial
                 # takes it over (same Optuna number and values, so the same MLflow run) instead of asking for another
                 self._ot_trials[trial_id] = optuna.Trial(self._ot_study, self._orphans.pop(0))
-            elif len(self._ot_study.get_trials(deepcopy=False)) >= self._num_trials:
+            elif planned_count(self._ot_study) >= self._num_trials:
                 # trials that finished after Tune's last snapshot count: the study has every planned trial
                 return Searcher.FINISHED
         drawn = super().suggest(trial_id)
@@ -85,16 +94,41 @@ class SweepSearch(OptunaSearch):
         return config
 
     def _finished_elsewhere(self, trial_id: str) -> bool:
-        """Whether the study's database already holds this trial as finished although Tune's saved searcher state
-        does not: a driver that died after telling Optuna, before Tune's next snapshot. Its record stands. Only a
-        trial this process got from a reconnected (restored) study can be one: each is looked up once."""
+        """Whether Optuna's record of a trial Tune continues after a resume is final and stands: the study holds it
+        as complete or pruned although Tune's saved state does not (a driver that died after telling Optuna, before
+        Tune's next snapshot). A trial the study holds as failed (closed by the time budget, or errored and retried
+        with --retry-failed) continues as a new Optuna trial instead (`_continuation`). Each trial a restored
+        searcher holds is looked up once, at its first report."""
         if trial_id not in self._unchecked:
             return False
         self._unchecked.discard(trial_id)
-        if not self._storage.get_trial(self._ot_trials[trial_id]._trial_id).state.is_finished():
-            return False
-        self._completed_trials.add(trial_id)
-        return True
+        number = self._ot_trials[trial_id].number
+        closed = self._ot_study.get_trials(deepcopy=False)[number]
+        if closed.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            self._completed_trials.add(trial_id)
+            return True
+        if closed.state == TrialState.FAIL:
+            self._ot_trials[trial_id] = self._continuation(closed, trial_id)
+            self._completed_trials.discard(trial_id)
+        return False
+
+    def _continuation(self, closed: optuna.trial.FrozenTrial, trial_id: str) -> optuna.Trial:
+        """A new Optuna trial that continues `closed`: same values, its intermediate values so far, `CONTINUES`."""
+        attrs = {k: v for k, v in closed.user_attrs.items() if k != "ltssl_outcome"}
+        self._ot_study.enqueue_trial(closed.params, user_attrs={**attrs, CONTINUES: closed.number})
+        trial = self._ot_study.ask(fixed_distributions=closed.distributions)
+        for key in ("grid_id", "search_space"):  # the grid point it stands for (GridSampler reads them at the end)
+            if key in closed.system_attrs:
+                self._ot_study._storage.set_trial_system_attr(trial._trial_id, key, closed.system_attrs[key])
+        for step, value in sorted(closed.intermediate_values.items()):
+            trial.report(value, step)
+        why = closed.user_attrs.get("ltssl_outcome", "failed")
+        print(
+            f"[sweep] resume: Tune trial {trial_id} continues Optuna trial {closed.number} (closed: {why}) as Optuna "
+            f"trial {trial.number}",
+            flush=True,
+        )
+        return trial
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
         if any(k in result for k in NO_METRICS) or self._finished_elsewhere(trial_id):
@@ -139,19 +173,30 @@ class SweepSearch(OptunaSearch):
         state["_orphans"] = []
         return state
 
-    def _reconnect(self) -> None:
+    def _reconnect(self, adopt: bool = True) -> None:
         if self._storage_url is None or self._ot_study is not None:
             return
         self._storage = study_storage(secrets.reveal(self._storage_url))
         self._ot_study = optuna.load_study(study_name=self._study_name, storage=self._storage, sampler=self._sampler)
         self._ot_trials = {tid: optuna.Trial(self._ot_study, trial_id) for tid, trial_id in self._ot_trials.items()}
-        self._unchecked = set(self._ot_trials) - self._completed_trials
-        self._adopt_unknown_trials()
+        self._unchecked = set(self._ot_trials)
+        if adopt:
+            self._adopt_unknown_trials()
 
     def _adopt_unknown_trials(self) -> None:
         owned = {trial._trial_id for trial in self._ot_trials.values()}
         unknown = [t for t in self._ot_study.get_trials(deepcopy=False) if t._trial_id not in owned]
-        self._orphans = sorted(t._trial_id for t in unknown if t.state == optuna.trial.TrialState.RUNNING)
+        # a continuation started after Tune's last snapshot belongs to the Tune trial that holds the closed trial
+        continuing = {t.user_attrs[CONTINUES]: t for t in unknown if CONTINUES in t.user_attrs}
+        for tid, trial in list(self._ot_trials.items()):
+            number = trial.number
+            while number in continuing:
+                successor = continuing.pop(number)
+                self._ot_trials[tid] = optuna.Trial(self._ot_study, successor._trial_id)
+                owned.add(successor._trial_id)
+                number = successor.number
+        unknown = [t for t in unknown if t._trial_id not in owned]
+        self._orphans = sorted(t._trial_id for t in unknown if t.state == TrialState.RUNNING)
         if unknown:
             print(
                 f"[sweep] resume: the study holds {len(unknown)} trial(s) started after Tune's last saved state: "
@@ -165,7 +210,10 @@ class SweepSearch(OptunaSearch):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._reconnect()
+        # a searcher pickled before it handed out any trial is Tune's copy from the sweep's start (tuner.pkl), which
+        # Tune then restores from its saved state (`restore`): that is where unknown trials are looked for
+        self._reconnect(adopt=bool(self._ot_trials))
+        self._num_trials = SweepGenerator.planned or self._num_trials
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
@@ -175,9 +223,32 @@ class SweepSearch(OptunaSearch):
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
         self._reconnect()
+        if self._storage_url is None:  # an in-memory study came back whole: its trials are checked as they report
+            self._unchecked = set(self._ot_trials)
+        self._num_trials = SweepGenerator.planned or self._num_trials
 
     def _optuna_trial(self, trial_id: str) -> optuna.Trial:
         return self._ot_trials[trial_id]  # OptunaSearch's live trials; it has no public accessor
+
+
+def planned_count(study: optuna.Study) -> int:
+    """The study's trials toward the planned number: a trial and the ones continuing it count once."""
+    trials = study.get_trials(deepcopy=False)
+    return len(trials) - sum(CONTINUES in t.user_attrs for t in trials)
+
+
+class SweepGenerator(SearchGenerator):
+    """Tune's generator of trials from the searcher, whose planned number of trials a resume may raise. Tune
+    restores the generator's count, and whether the searcher had said it was done, from the sweep's saved state:
+    a resume asks the searcher again (a sweep stopped by its time budget, or extended, has trials left)."""
+
+    planned: ClassVar[int | None] = None  # this session's planned number (Tune holds an unpickled copy of this)
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        super().set_state(state)
+        if SweepGenerator.planned is not None:
+            self._total_samples = max(self._total_samples, SweepGenerator.planned)
+        self._finished = False
 
 
 def study_storage(url: str) -> optuna.storages.RDBStorage:
@@ -186,11 +257,29 @@ def study_storage(url: str) -> optuna.storages.RDBStorage:
     return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
 
 
-def build_searcher(plan: Plan) -> tuple[Searcher, SweepSearch]:
+class SweepLimiter(ConcurrencyLimiter):
+    """Tune's concurrency limit, counting a trial that reports as live: an errored trial that --retry-failed
+    continues left the limiter's live set when it failed, and the limiter drops the completion of a trial it does
+    not hold (the searcher, and so Optuna, would never hear that the retried trial ended)."""
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        if self._limit_concurrency and not self.batch and trial_id not in self.live_trials:
+            self.live_trials.add(trial_id)
+            self.num_unfinished_live_trials += 1
+        super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        if trial_id in self.live_trials:
+            super().on_trial_complete(trial_id, result=result, error=error)
+        else:  # a continued trial the scheduler stopped at its first report after the resume
+            self.searcher.on_trial_complete(trial_id, result=result, error=error)
+
+
+def build_searcher(plan: Plan) -> tuple[SweepGenerator, SweepSearch]:
     """(what Tune gets, the Optuna searcher inside it)."""
     search = SweepSearch(plan)
     limit = plan.spec.search.max_concurrent
-    return (ConcurrencyLimiter(search, max_concurrent=limit) if limit else search), search
+    return SweepGenerator(SweepLimiter(search, max_concurrent=limit) if limit else search), search
 
 
 SCHEDULERS: dict[str, Callable[[Plan], TrialScheduler]] = {

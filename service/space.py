@@ -225,7 +225,9 @@ class SearchConfig(Frozen):
     mode: Mode | list[Mode] = "max"
     scheduler: Scheduler = NoScheduler(type="none")
     max_concurrent: int | None = Field(None, ge=1, description="null: as many trials as the resources allow")
-    time_budget_s: float | None = Field(None, gt=0, description="stop the sweep after this many seconds")
+    time_budget_s: float | None = Field(
+        None, gt=0, description="stop the sweep after this many seconds of this driver session (--resume continues it)"
+    )
     max_failures: int = Field(2, ge=0, description="retries of a failed trial, each from its last checkpoint")
 
     @field_validator("scheduler", mode="before")

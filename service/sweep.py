@@ -32,12 +32,14 @@ from ray import tune
 from service import cluster, secrets
 from service.console import TrialEvents
 from service.plan import Plan, anchor_paths
-from service.search import build_scheduler, build_searcher, study_storage
+from service.search import SweepGenerator, build_scheduler, build_searcher, study_storage
 from service.space import describe
 from service.tracking import (
     COMMIT,
+    ENDED_NOTE,
     FLUSH_TIMEOUT_S,
     LOST,
+    NOTE,
     OUTCOME,
     PARENT,
     ROLE,
@@ -47,6 +49,7 @@ from service.tracking import (
     MlflowTrialLogger,
     SweepRecord,
     children,
+    failure_kind,
     flatten,
     git_commit,
     log_params,
@@ -56,9 +59,12 @@ from trainables.config import ConfigError
 from trainables.ray_trainable import SERVICE_KEY, STORAGE_REFUSED, run_trial, storage_refusal
 
 RECORD_FILE = "service_plan.json"
+#: the plan's fields a --resume may change: the budget (more trials, more time), not the question
+EXTENSIBLE = ("search.num_trials", "search.time_budget_s")
 TUNE_STATE = "tuner.pkl"  # what Tuner.restore reads first
 PROJECT_ROOT = cluster.PROJECT_ROOT
 INTERRUPTED = 130  # exit status of a sweep stopped by Ctrl-C (the shell's convention for SIGINT)
+RECORDS_PENDING = 75  # the trials ran but MLflow did not answer at the end (sysexits' EX_TEMPFAIL: try again)
 
 
 @dataclass(frozen=True)
@@ -115,11 +121,20 @@ def preflight(plan: Plan, resume: bool) -> dict[str, Any] | None:
         )
     stored = json.loads(record.read_text())
     diffs = _differences(stored["frozen"], plan.frozen_fields())
-    if diffs:
+    fixed = [d for d in diffs if d[0] not in EXTENSIBLE]
+    if fixed:
         raise ConfigError(
             f"{plan.source}: --resume continues the sweep as it was planned, but the plan changed:\n"
-            + "\n".join(f"  {path}: {old!r} when the sweep started, {new!r} now" for path, old, new in diffs)
+            + "\n".join(f"  {path}: {old!r} when the sweep started, {new!r} now" for path, old, new in fixed)
+            + "\n(a resume may only raise search.num_trials and change search.time_budget_s)"
         )
+    planned = stored["frozen"]["search"]["num_trials"]
+    if plan.num_trials < planned:
+        raise ConfigError(
+            f"{plan.source}: search.num_trials: {plan.num_trials} is fewer than the {planned} the sweep planned; "
+            "a resume may extend a sweep, not shrink it"
+        )
+    stored["extended"] = [(path, old, new) for path, old, new in diffs]
     return stored
 
 
@@ -259,8 +274,9 @@ def client_for(record: SweepRecord) -> MlflowClient:
     return MlflowClient(secrets.reveal(record.tracking_uri))
 
 
-def run(plan: Plan, stored: dict[str, Any] | None, address: str | None) -> Outcome:
-    """Start (stored None) or resume a sweep and run it to its end or an interruption."""
+def run(plan: Plan, stored: dict[str, Any] | None, address: str | None, retry_failed: bool = False) -> Outcome:
+    """Start (stored None) or resume a sweep and run it to its end, its time budget or an interruption;
+    `retry_failed`: a resume also continues the trials that failed with an error, from their last checkpoints."""
     # Tune forces an experiment snapshot whenever a trial has replaced its kept checkpoints; on local disk that
     # costs milliseconds, so its "may become a bottleneck" warning is noise here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -284,6 +300,8 @@ def run(plan: Plan, stored: dict[str, Any] | None, address: str | None) -> Outco
     StorageWatch.refused, RESTORE_WATCH.failure = None, None
     CheckpointPruner.ended, CheckpointPruner.started = [], False
     MlflowTrialLogger.unwritten = []
+    SweepGenerator.planned = plan.num_trials
+    Session.begin(plan.spec.search.time_budget_s, started, retry_failed)
     record = None
     previous = ("KILLED", "interrupted")  # a resumed sweep's parent run as it was (status, outcome)
     try:
@@ -302,7 +320,9 @@ def run(plan: Plan, stored: dict[str, Any] | None, address: str | None) -> Outco
             client.update_run(record.parent_run_id, status="RUNNING")
             client.set_tag(record.parent_run_id, OUTCOME, "running")
             replay_unwritten(plan, record)
-        tuner = _tuner(plan, record, MlflowTrialLogger(record), restore=stored is not None)
+            if stored.get("extended"):
+                extend(plan, record, stored["extended"])
+        tuner = _tuner(plan, record, MlflowTrialLogger(record), restore=stored is not None, retry_failed=retry_failed)
         if stored is None:
             write_record(plan, record)
         try:
@@ -321,6 +341,7 @@ def run(plan: Plan, stored: dict[str, Any] | None, address: str | None) -> Outco
             )
             RESTORE_WATCH.failure = None
             CheckpointPruner.ended, CheckpointPruner.started = [], False
+            Session.begin(plan.spec.search.time_budget_s, started, retry_failed)
             _tuner(plan, record, MlflowTrialLogger(record), restore=False).fit()
         if StorageWatch.refused is None:  # Tune saved its final state: the trials that ended are ended there too
             CheckpointPruner.prune_ended()
@@ -344,9 +365,14 @@ def run(plan: Plan, stored: dict[str, Any] | None, address: str | None) -> Outco
             raise
         StorageWatch.refused = StorageWatch.refused or refused
     finally:
-        if record is not None:
-            save_unwritten(plan)
+        pending = save_unwritten(plan) if record is not None else 0
         ray.shutdown()
+    if pending:
+        raise RecordsPending(
+            f"the sweep's trials ran, but MLflow at {secrets.redact(plan.tracking_uri)} did not take {pending} "
+            f"record(s) before the end; they are saved in {plan.sweep_location / UNWRITTEN}. Run the same command "
+            "with --resume once MLflow answers: it writes them and closes the sweep"
+        )
     if StorageWatch.refused is not None:
         terminal(client_for(record), record.parent_run_id, "KILLED", "interrupted")
         raise StorageRefused(
@@ -354,14 +380,35 @@ def run(plan: Plan, stored: dict[str, Any] | None, address: str | None) -> Outco
             "stopped; its trials keep their last checkpoints. Free space (or make the storage writable), then run "
             "the same command with --resume"
         )
-    outcome = summarize(plan, record, time.monotonic() - started)
-    if outcome.complete or outcome.time_budget_hit:
-        close_stale(plan, record, "time budget" if not outcome.complete else LOST)
-        outcome = summarize(plan, record, time.monotonic() - started)
-    status = "FINISHED" if outcome.complete or outcome.time_budget_hit else "KILLED"
-    summary = "finished" if outcome.complete else "time budget" if outcome.time_budget_hit else "interrupted"
-    terminal(client_for(record), record.parent_run_id, status, summary)
+    try:
+        outcome = summarize(plan, record)
+        if outcome.complete or outcome.time_budget_hit:
+            close_stale(plan, record, "time budget" if not outcome.complete else LOST)
+            outcome = summarize(plan, record)
+        status = "FINISHED" if outcome.complete or outcome.time_budget_hit else "KILLED"
+        summary = "finished" if outcome.complete else "time budget" if outcome.time_budget_hit else "interrupted"
+        terminal(client_for(record), record.parent_run_id, status, summary)
+    except Exception as err:
+        if failure_kind(err) != "retry":
+            raise
+        raise RecordsPending(
+            f"the sweep's trials ran, but MLflow at {secrets.redact(plan.tracking_uri)} stopped answering at the end "
+            f"({type(err).__name__}). Run the same command with --resume once it answers: it closes the sweep"
+        ) from None
     return outcome
+
+
+def extend(plan: Plan, record: SweepRecord, changes: list[tuple[str, Any, Any]]) -> None:
+    """A resume that raised the planned number of trials or changed the time budget: the sweep's record, its parent
+    run (a tag and the resolved plan: MLflow keeps a run's params as first logged) and its log say so. Tune's saved
+    state and the searcher take the new numbers from `SweepGenerator.planned` and `SweepBudget.seconds`."""
+    said = "; ".join(f"{path} {old} -> {new}" for path, old, new in changes)
+    print(f"[sweep] resume: extended: {said}", flush=True)
+    client = client_for(record)
+    history = client.get_run(record.parent_run_id).data.tags.get("ltssl.extended")
+    client.set_tag(record.parent_run_id, "ltssl.extended", f"{history}; {said}" if history else said)
+    client.log_dict(record.parent_run_id, plan.frozen_fields(), "space/resolved_plan.json")
+    write_record(plan, record)
 
 
 def replay_unwritten(plan: Plan, record: SweepRecord) -> None:
@@ -381,19 +428,24 @@ def replay_unwritten(plan: Plan, record: SweepRecord) -> None:
         where.delete()
 
 
-def save_unwritten(plan: Plan) -> None:
+def save_unwritten(plan: Plan) -> int:
     """Save the MLflow writes this session left undone (`MlflowTrialLogger.unwritten`) in the sweep's folder, after
-    those an earlier session left and this one could not make either; `--resume` makes them."""
+    those an earlier session left and this one could not make either; `--resume` makes them. How many are saved."""
     if not MlflowTrialLogger.unwritten:
-        return
+        return 0
     where = plan.sweep_location / UNWRITTEN
     try:
-        earlier = pickle.loads(where.read_bytes()) if where.is_file() else []
-        where.write_bytes(pickle.dumps(earlier + MlflowTrialLogger.unwritten))
+        writes = (pickle.loads(where.read_bytes()) if where.is_file() else []) + MlflowTrialLogger.unwritten
+        where.write_bytes(pickle.dumps(writes))
     except OSError as err:
         print(f"[sweep] tracking: could not save the undone MLflow writes in {where}: {err}", flush=True)
-        return
+        return 0
     MlflowTrialLogger.unwritten = []
+    return len(writes)
+
+
+class RecordsPending(Exception):
+    """The sweep ran, but MLflow did not take all its records before the end: `--resume` writes them."""
 
 
 def close_stale(plan: Plan, record: SweepRecord, outcome: str) -> None:
@@ -405,7 +457,7 @@ def close_stale(plan: Plan, record: SweepRecord, outcome: str) -> None:
     why = "cut by the sweep's time budget" if outcome != LOST else "no trial of the resumed sweep took it over"
     for run in children(client, record):
         if run.data.tags.get(OUTCOME, "running") in ("running", "interrupted"):
-            client.set_tag(run.info.run_id, "mlflow.note.content", f"Ended: {why}.")
+            client.set_tag(run.info.run_id, NOTE, f"{ENDED_NOTE}{why}.")
             terminal(client, run.info.run_id, "KILLED", outcome)
     if plan.optuna_storage is None:
         return
@@ -442,6 +494,28 @@ class _RestoreWatch(logging.Filter):
 
 RESTORE_WATCH = _RestoreWatch()
 logging.getLogger("ray.tune.execution.tune_controller").addFilter(RESTORE_WATCH)
+
+
+def _save_errored_trials() -> None:
+    """Ray Tune (2.60) stops a trial whose worker died (killed, the OOM killer, a lost node) on its last retry as
+    ERROR, but leaves it out of its next saved state, which keeps it RUNNING with its failures uncounted: a plain
+    --resume would run it again, and --retry-failed would not know it failed. Every stopped trial is marked for the
+    next save here, as Tune marks the others (tests/service/test_end_to_end.py holds the behaviour)."""
+    from ray.tune.execution.tune_controller import TuneController
+
+    original = TuneController._schedule_trial_stop
+    if getattr(original, "saves_the_trial", False):
+        return
+
+    def schedule_trial_stop(self: Any, trial: Any, exception: Exception | None = None) -> None:
+        original(self, trial, exception=exception)
+        self._mark_trial_to_checkpoint(trial)
+
+    schedule_trial_stop.saves_the_trial = True  # type: ignore[attr-defined]
+    TuneController._schedule_trial_stop = schedule_trial_stop
+
+
+_save_errored_trials()
 
 
 def set_aside_tune_state(plan: Plan) -> list[str]:
@@ -509,6 +583,49 @@ def _prune(trial: Any) -> None:
                 fs.delete_dir(entry.path)
 
 
+class Session(tune.Callback):
+    """This driver session's controls on a sweep (Tune restores an unpickled copy: they live on the class).
+
+    - The time budget (`search.time_budget_s`, per session, counted from connecting to Ray): once spent, the sweep
+      stops as Ctrl-C stops it, so the cut trials keep their checkpoints and a later --resume continues them (the
+      sweep's end closes their records as `time budget`; the searcher reopens them as continuations). Tune's own
+      budget would end them for good, and a resume, even with more time, could never finish them.
+    - --retry-failed: the errored trials a resume continues get their retries (`max_failures`) back."""
+
+    budget_s: ClassVar[float | None] = None
+    started: ClassVar[float] = 0.0
+    spent: ClassVar[bool] = False
+    retry_failed: ClassVar[bool] = False
+    checked: ClassVar[bool] = False
+
+    @classmethod
+    def begin(cls, budget_s: float | None, started: float, retry_failed: bool) -> None:
+        cls.budget_s, cls.started, cls.retry_failed = budget_s, started, retry_failed
+        cls.spent = cls.checked = False
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if Session.checked:
+            return
+        Session.checked = True
+        if not Session.retry_failed:
+            return
+        for trial in trials:  # the errored trials Tune requeued (resume_errored): their failures are used up
+            if trial.status == "PENDING" and trial.run_metadata.num_failures > trial.max_failures >= 0:
+                print(f"[sweep] retrying  {trial} from its last checkpoint (--retry-failed)", flush=True)
+                trial.run_metadata.num_failures = 0
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if Session.budget_s is None or Session.spent or time.monotonic() - Session.started < Session.budget_s:
+            return
+        Session.spent = True
+        print(
+            f"[sweep] the time budget of {Session.budget_s:g} s is spent; stopping (the cut trials keep their "
+            "checkpoints: --resume continues them)",
+            flush=True,
+        )
+        _stop_gracefully(signal.SIGINT, None)
+
+
 class StorageRefused(ConfigError):
     """The sweep's storage refused a trial's checkpoint (full, over quota, read-only): the sweep stopped, resumable."""
 
@@ -561,15 +678,23 @@ def prepare_cluster(plan: Plan, remote: bool) -> None:
         )
 
 
-def _tuner(plan: Plan, record: SweepRecord, logger: MlflowTrialLogger, restore: bool) -> tune.Tuner:
+def _tuner(
+    plan: Plan, record: SweepRecord, logger: MlflowTrialLogger, restore: bool, retry_failed: bool = False
+) -> tune.Tuner:
     trainable = tune.with_resources(run_trial, plan.spec.resources.tune_request())
     filesystem, path = plan.storage.filesystem()
     filesystem = filesystem if plan.storage.remote else None
     if restore:
-        # Tune reloads the searcher, the scheduler and the callbacks it pickled at the start; finished and errored
-        # trials stay as they are, unfinished ones continue from their last checkpoint
+        # Tune reloads the searcher, the scheduler and the callbacks it pickled at the start; finished trials stay
+        # as they are, unfinished ones continue from their last checkpoint, and so do errored ones on request
         where = f"{path}/{plan.sweep_name}"
-        return tune.Tuner.restore(where, trainable=trainable, resume_unfinished=True, storage_filesystem=filesystem)
+        return tune.Tuner.restore(
+            where,
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=retry_failed,
+            storage_filesystem=filesystem,
+        )
     searcher, _ = build_searcher(plan)
     search = plan.spec.search
     return tune.Tuner(
@@ -578,7 +703,7 @@ def _tuner(plan: Plan, record: SweepRecord, logger: MlflowTrialLogger, restore: 
             search_alg=searcher,
             scheduler=build_scheduler(plan),
             num_samples=plan.num_trials,
-            time_budget_s=search.time_budget_s,
+            # no time_budget_s: Tune's ends the trials for good; `Session` stops the sweep as Ctrl-C does instead
             # one worker process serves trial after trial: saves starting Python and importing torch for each
             reuse_actors=True,
             trial_name_creator=trial_name,
@@ -588,7 +713,7 @@ def _tuner(plan: Plan, record: SweepRecord, logger: MlflowTrialLogger, restore: 
             name=plan.sweep_name,
             storage_path=path,
             storage_filesystem=filesystem,
-            callbacks=[RestoreGuard(), StorageWatch(), logger, TrialEvents(), CheckpointPruner()],
+            callbacks=[RestoreGuard(), Session(), StorageWatch(), logger, TrialEvents(), CheckpointPruner()],
             failure_config=tune.FailureConfig(max_failures=search.max_failures),
             # two, so the one a retry restores from is never the one being replaced
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
@@ -606,19 +731,13 @@ def trial_dirname(trial: Any) -> str:
     return f"{trial.trial_id}_{slug}"
 
 
-def summarize(plan: Plan, record: SweepRecord, elapsed_s: float) -> Outcome:
+def summarize(plan: Plan, record: SweepRecord) -> Outcome:
     counts: dict[str, int] = {}
     for r in children(client_for(record), record):
         outcome = r.data.tags.get(OUTCOME, "running")
         counts[outcome] = counts.get(outcome, 0) + 1
     ended = sum(counts.get(o, 0) for o in ("finished", "pruned", "failed"))
-    budget = plan.spec.search.time_budget_s
-    return Outcome(
-        counts=counts,
-        complete=ended >= plan.num_trials,
-        time_budget_hit=budget is not None and elapsed_s >= budget,
-        record=record,
-    )
+    return Outcome(counts=counts, complete=ended >= plan.num_trials, time_budget_hit=Session.spent, record=record)
 
 
 def _differences(old: Any, new: Any, path: str = "") -> list[tuple[str, Any, Any]]:

@@ -52,6 +52,8 @@ WHERE_TAGS = {
     "code_path": "ltssl.code_path",
 }
 NODES = "ltssl.nodes"
+NOTE = "mlflow.note.content"
+ENDED_NOTE = "Ended: "  # how a note set by the sweep's end on a run it closed begins (service.sweep.close_stale)
 DUPLICATE_OF = "ltssl.duplicate_of"  # on a deleted duplicate child run: the run kept for the trial
 PER_CLASS = re.compile(r"/c\d+$")  # per-class keys: val/recall/c03, pl/count/c117, ...
 BATCH = 1000  # MLflow's limit of metrics per log_batch call
@@ -129,7 +131,7 @@ def _view(trial: Any) -> SimpleNamespace:
     )
 
 
-def _failure_kind(err: Exception) -> str:
+def failure_kind(err: Exception) -> str:
     """ "retry": waiting can cure it (the server or the database is down or restarting, a connection dropped);
     "refused": MLflow's answer to this write; "bug": anything else, which the sweep's end raises."""
     import requests
@@ -297,8 +299,8 @@ class MlflowTrialLogger(tune.Callback):
                 if warned:
                     print("[sweep] tracking: MLflow answers again; queued records are being written", flush=True)
                 return
-            except Exception as err:  # noqa: BLE001 - classified by _failure_kind
-                kind = _failure_kind(err)
+            except Exception as err:  # noqa: BLE001 - classified by failure_kind
+                kind = failure_kind(err)
                 if kind == "bug":
                     traceback.print_exc()
                     self._bug = self._bug or err
@@ -463,6 +465,8 @@ class MlflowTrialLogger(tune.Callback):
                 tags.append(RunTag(TRIAL_ID, tid))
             if run.info.status != "RUNNING":
                 self.client.update_run(run_id, status="RUNNING")
+            if run.data.tags.get(NOTE, "").startswith(ENDED_NOTE):  # closed at a sweep's end, now continued
+                self.client.delete_tag(run_id, NOTE)
             self.client.log_batch(run_id, tags=tags)
             if not run.data.params:  # the driver died between creating the run and logging its params
                 self._log_trial_params(trial, run_id)

@@ -1,7 +1,8 @@
 """`python -m service.tune`: check a search-space file, show its plan, and run it as a resumable Ray Tune sweep.
 
 Exit status: 0 when the sweep ran to its end (or its time budget), 2 for bad input (nothing started, nothing
-written), 130 when interrupted (resume with --resume), 1 when every trial failed.
+written), 130 when interrupted (resume with --resume), 75 when the trials ran but MLflow did not take every record
+before the end (resume with --resume once it answers), 1 when every trial failed.
 """
 
 from __future__ import annotations
@@ -41,7 +42,18 @@ def parser() -> argparse.ArgumentParser:
         help="storage.path: Ray Tune state and trial folders, a directory or s3://bucket/prefix, gs://bucket/prefix "
         "(default: ray_results)",
     )
-    p.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this space")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the sweep of this space (interrupted, stopped by its time budget, or extended with a larger "
+        "search.num_trials or another search.time_budget_s)",
+    )
+    p.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="with --resume: continue the trials that failed with an error from their last checkpoints, with "
+        "their retries back (trials stopped on purpose, e.g. a diverged loss, are not retried)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the resolved plan and sample trials; start nothing")
     p.add_argument(
         "--set",
@@ -61,7 +73,10 @@ def _address(value: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)  # bad flags: argparse prints usage and exits 2
+    cli = parser()
+    args = cli.parse_args(argv)  # bad flags: argparse prints usage and exits 2
+    if args.retry_failed and not args.resume:
+        cli.error("--retry-failed continues a sweep's failed trials: use it with --resume")
     if args.schema:
         print(json.dumps(json_schema(), indent=2))
         return 0
@@ -81,9 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         from service.lock import SweepLock
 
         sweep.check_reachable(plan, args.address)
-        with SweepLock(plan):  # one driver per sweep, from the first check to the last record
-            stored = sweep.preflight(plan, resume=args.resume)
-            outcome = sweep.run(plan, stored, args.address)
+        try:
+            with SweepLock(plan):  # one driver per sweep, from the first check to the last record
+                stored = sweep.preflight(plan, resume=args.resume)
+                outcome = sweep.run(plan, stored, args.address, retry_failed=args.retry_failed)
+        except sweep.RecordsPending as err:
+            print(f"error: {redact_text(str(err))}", file=sys.stderr)
+            return sweep.RECORDS_PENDING
     except ConfigError as err:  # bad input, or found once MLflow is open (e.g. the experiment was deleted in the UI)
         print(f"error: {redact_text(str(err))}", file=sys.stderr)
         return 2
@@ -166,7 +185,10 @@ def render_outcome(plan: Plan, outcome: Any, argv: list[str]) -> str:
     counts = ", ".join(f"{n} {o}" for o, n in sorted(outcome.counts.items())) or "no trials"
     lines = [f"\nSweep {plan.sweep_name}: {counts} (of {plan.num_trials} planned)."]
     if outcome.time_budget_hit and not outcome.complete:
-        lines.append(f"The time budget of {plan.spec.search.time_budget_s:g} s ended the sweep.")
+        lines.append(
+            f"The time budget of {plan.spec.search.time_budget_s:g} s ended the sweep. Give it more time (the cut "
+            f"trials continue from their checkpoints) with: {resume_command(argv)}"
+        )
     elif not outcome.complete:
         lines.append(f"Interrupted. Resume with: {resume_command(argv)}")
     lines.append(f"Leaderboard: artifact leaderboard.md of the parent run {record.parent_run_id}")

@@ -315,3 +315,45 @@ def test_an_mlflow_outage_delays_records_but_loses_none(tmp_path, databases, s3_
             for key in ("val/balanced_acc", "val/recall/c03"):
                 steps = [m.step for m in client.get_metric_history(child.info.run_id, key)]
                 assert steps == list(range(20, 201, 20)), (key, steps)
+
+
+def test_records_mlflow_did_not_take_before_the_end_are_written_by_resume(tmp_path, databases, s3_server):
+    # the tracking server goes down mid-sweep and stays down past the sweep's end: the trials finish, the writes left
+    # undone are saved in the sweep's folder (exit 75, no traceback), and --resume, once MLflow is back, makes them
+    from .peers import running_mlflow
+
+    launch = tmp_path / "launch"
+    launch.mkdir()
+    extra = f"storage: {{optuna: '{databases()}'}}\ntracking: {{experiment: after_end}}\n"
+    (launch / "space.yaml").write_text(space("after_end", concurrent=2, extra=extra))
+    # MLflow's client retries a refused connection for minutes by default; the sweep's end waits 2 s for the queue
+    env = {**base_env(), **AWS, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "LTSSL_MLFLOW_FLUSH_TIMEOUT_S": "2"}
+    with running_mlflow(tmp_path, databases(), s3_server) as server:
+        client = MlflowClient(server.url)
+        args = [sys.executable, "-m", "service.tune", "--space", "space.yaml", "--tracking-uri", server.url]
+        sweep = subprocess.Popen(args, cwd=launch, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 300
+        while not (client.get_experiment_by_name("after_end") and child_runs(client, "after_end")):
+            if sweep.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("no trial started:\n" + sweep.communicate()[0][-3000:])
+            time.sleep(0.5)
+        server.kill()
+        output, _ = sweep.communicate(timeout=600)
+        assert sweep.returncode == 75, output[-3000:]
+        assert "Traceback" not in output, output[-3000:]
+        assert "with --resume once MLflow answers" in output, output[-3000:]
+        (saved,) = (launch / "ray_results").glob("after_end-*/unwritten_mlflow.pkl")
+
+        server.start()
+        resumed = tune(launch, "--tracking-uri", server.url, "--resume", env=env)
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+        assert "MLflow write(s) an earlier session left undone" in resumed.stdout
+        assert not saved.exists()
+        children = child_runs(client, "after_end")
+        assert len(children) == 3 and len({c.data.tags["ltssl.optuna_trial"] for c in children}) == 3
+        for child in children:
+            assert (child.info.status, child.data.tags["ltssl.outcome"]) == ("FINISHED", "finished")
+            for key in ("val/balanced_acc", "val/recall/c03"):
+                assert [m.step for m in client.get_metric_history(child.info.run_id, key)] == [20, 40], key
+        parent = client.get_run(children[0].data.tags["mlflow.parentRunId"])
+        assert (parent.info.status, parent.data.tags["ltssl.outcome"]) == ("FINISHED", "finished")

@@ -221,17 +221,20 @@ def test_postgres_connections_dropped_mid_sweep(ray_cluster: RayCluster, tmp_pat
     assert_exact(client, "pg_drop", optuna_url)
 
 
-def test_a_full_storage_stops_the_sweep_and_resume_finishes_it(tmp_path):
-    """The sweep's storage (a 64 MB tmpfs) fills up mid-sweep: the sweep stops at the first refused checkpoint with
-    exit 2 and the reason, no trial is failed or retried for it, and once space is freed `--resume` finishes every
-    trial exactly once. Local Ray, MLflow and the study in sqlite files outside the full disk."""
+@pytest.mark.parametrize("refusal", ["full", "read-only"])
+def test_a_storage_that_refuses_writes_stops_the_sweep_and_resume_finishes_it(tmp_path, refusal):
+    """The sweep's storage (a 64 MB tmpfs) fills up, or is remounted read-only, mid-sweep: the sweep stops at the
+    first refused checkpoint with exit 2 and the reason, no trial is failed or retried for it, and once space is
+    freed (the storage writable again) `--resume` finishes every trial exactly once. Local Ray, MLflow and the study
+    in sqlite files outside the storage."""
     from .peers import base_env
 
     store = tmp_path / "store"
     store.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(store)], check=True)
     try:
-        text = SPACE.format(name="full_disk", optuna="sqlite:///optuna.db")
+        name = refusal.replace("-", "_") + "_storage"
+        text = SPACE.format(name=name, optuna="sqlite:///optuna.db")
         text = text.replace("storage: {path: results,", f"storage: {{path: '{store}',")
         text = text.replace("resources: {cpu: 1, custom: {trial_slot: 1}}", "resources: {cpu: 1}")
         text = text.replace("values: [0.03, 0.01]", "values: [0.03]").replace("max_concurrent: 2", "max_concurrent: 1")
@@ -241,26 +244,33 @@ def test_a_full_storage_stops_the_sweep_and_resume_finishes_it(tmp_path):
         driver = start(tmp_path, tracking, base_env())
         wait_for(
             "a trial with an evaluation",
-            lambda: any(int(c.data.tags.get("ltssl.last_step", -1)) >= EVERY for c in child_runs(client, "full_disk")),
+            lambda: any(int(c.data.tags.get("ltssl.last_step", -1)) >= EVERY for c in child_runs(client, name)),
             driver,
         )
         filler = store / "filler"
-        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M"], capture_output=True)  # until ENOSPC
+        if refusal == "full":
+            subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M"], capture_output=True)  # until ENOSPC
+        else:
+            subprocess.run(["mount", "-o", "remount,ro", str(store)], check=True)
         driver.wait(timeout=300)
         out = output(driver)
         assert driver.returncode == 2, out[-4000:]
-        assert f"storage.path {store} refused a checkpoint (full: " in out and "No space left on device" in out
+        reason = {"full": "No space left on device", "read-only": "Read-only file system"}[refusal]
+        assert f"storage.path {store} refused a checkpoint ({refusal}: " in out and reason in out, out[-4000:]
         assert "with --resume" in out and "Traceback" not in out.split("[sweep]")[-1]
-        children = child_runs(client, "full_disk")
+        children = child_runs(client, name)
         assert children and all(c.data.tags["ltssl.outcome"] in ("finished", "interrupted") for c in children)
-        assert not any("ltssl.retries" in c.data.tags for c in children)  # not retried against a full disk
+        assert not any("ltssl.retries" in c.data.tags for c in children)  # not retried against the storage
         parent = client.get_run(children[0].data.tags["mlflow.parentRunId"])
         assert (parent.info.status, parent.data.tags["ltssl.outcome"]) == ("KILLED", "interrupted")
 
-        filler.unlink()
+        if refusal == "full":
+            filler.unlink()
+        else:
+            subprocess.run(["mount", "-o", "remount,rw", str(store)], check=True)
         resumed = start(tmp_path, tracking, base_env(), "--resume")
         resumed.wait(timeout=600)
         assert resumed.returncode == 0, output(resumed)[-4000:]
-        assert_exact(client, "full_disk", f"sqlite:///{tmp_path / 'optuna.db'}", planned=3)
+        assert_exact(client, name, f"sqlite:///{tmp_path / 'optuna.db'}", planned=3)
     finally:
         subprocess.run(["umount", "-l", str(store)], check=False)

@@ -149,7 +149,28 @@ def test_resume_refuses_a_changed_plan(write_space, tmp_path):
         preflight(changed, resume=True)
     message = str(info.value)
     assert "search.sampler: 'tpe' when the sweep started, 'random' now" in message
-    assert "search.num_trials: 6 when the sweep started, 9 now" in message
+    assert "search.num_trials" not in message.splitlines()[1:-1]  # a budget change is not what stops it
+    assert "a resume may only raise search.num_trials and change search.time_budget_s" in message
+
+
+def test_resume_may_extend_the_budget_but_not_shrink_it(write_space, tmp_path):
+    plan = load_plan(write_space(SMALL), launch_dir=tmp_path)
+    fake_sweep(plan)
+    more = load_plan(write_space(SMALL), sets=["search.num_trials=9", "search.time_budget_s=60"], launch_dir=tmp_path)
+    stored = preflight(more, resume=True)
+    assert stored["extended"] == [("search.num_trials", 6, 9), ("search.time_budget_s", None, 60.0)]
+    assert preflight(plan, resume=True)["extended"] == []
+    fewer = load_plan(write_space(SMALL), sets=["search.num_trials=4"], launch_dir=tmp_path)
+    with pytest.raises(ConfigError, match="search.num_trials: 4 is fewer than the 6 the sweep planned"):
+        preflight(fewer, resume=True)
+
+
+def test_retry_failed_needs_resume(tmp_path):
+    out = cli("--retry-failed", cwd=tmp_path)
+    assert (
+        out.returncode == 2 and "--retry-failed continues a sweep's failed trials: use it with --resume" in out.stderr
+    )
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_changed_space_is_another_sweep(write_space, tmp_path):

@@ -387,3 +387,103 @@ def test_trials_cut_by_the_time_budget_are_closed_in_both_stores(tmp_path):
     study = optuna.load_study(study_name=parent.info.run_name, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert study.trials and all(t.state == TrialState.FAIL for t in study.trials)
     assert all(t.user_attrs["ltssl_outcome"] == "time budget" for t in study.trials)
+
+
+def optuna_chains(study) -> dict[int, list]:
+    """Optuna trials by the number of the first trial of their chain (a trial and those continuing it)."""
+    chains: dict[int, list] = {}
+    for trial in sorted(study.trials, key=lambda t: t.number):
+        first = trial.number
+        while "continues_trial" in (t := study.trials[first]).user_attrs:
+            first = t.user_attrs["continues_trial"]
+        chains.setdefault(first, []).append(trial)
+    return chains
+
+
+def assert_chains_match_runs(client: MlflowClient, children: list, study, last_step: int) -> None:
+    """Every run: one chain of Optuna trials, all closed as failed but the last, which is COMPLETE with the run's
+    final value and every evaluation's intermediate value."""
+    chains = optuna_chains(study)
+    assert sorted(chains) == sorted(int(c.data.tags["ltssl.optuna_trial"]) for c in children)
+    for child in children:
+        history = client.get_metric_history(child.info.run_id, "val/balanced_acc")
+        assert [m.step for m in history] == list(range(20, last_step + 1, 20))
+        *closed, final = chains[int(child.data.tags["ltssl.optuna_trial"])]
+        assert all(t.state == TrialState.FAIL for t in closed)
+        assert final.state == TrialState.COMPLETE and final.value == pytest.approx(history[-1].value)
+        assert final.intermediate_values == {m.step: pytest.approx(m.value) for m in history}
+
+
+@pytest.mark.slow
+def test_a_sweep_its_time_budget_cut_is_given_more_time_and_more_trials(tmp_path):
+    # the budget stops the sweep mid-trial; --resume with a larger budget and one more trial continues the cut
+    # trial from its checkpoint (a new Optuna trial continuing the closed one) and runs the new one
+    text = RESUMABLE.replace("iterations: 60", "iterations: 300").replace(
+        "max_concurrent: 1\n", "max_concurrent: 1\n  num_trials: 2\n  time_budget_s: 15\n"
+    )
+    (tmp_path / "space.yaml").write_text(text + 'storage: {optuna: "sqlite:///optuna.db"}\n')
+    out = cli(tmp_path, "--space", "space.yaml")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "The time budget of 15 s ended the sweep. Give it more time" in out.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    _, parent, before = runs_of(client, "resumable")
+    assert (parent.info.status, parent.data.tags["ltssl.outcome"]) == ("FINISHED", "time budget")
+    cut = {c.info.run_id for c in before if c.data.tags["ltssl.outcome"] == "time budget"}
+    assert len(cut) == 1 and all(c.info.status == "KILLED" for c in before if c.info.run_id in cut)
+    study_url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.load_study(study_name=parent.info.run_name, storage=study_url)
+    assert sorted(t.user_attrs.get("ltssl_outcome", "") for t in study.trials if t.state == TrialState.FAIL) == [
+        "time budget"
+    ]
+
+    more = cli(tmp_path, "--space", "space.yaml", "--resume", "--num-samples", "3", "--set", "search.time_budget_s=900")
+    assert more.returncode == 0, more.stdout[-3000:] + more.stderr[-3000:]
+    assert "extended: search.num_trials 2 -> 3; search.time_budget_s 15.0 -> 900.0" in more.stdout
+    _, parent, after = runs_of(client, "resumable")
+    assert (parent.info.status, parent.data.tags["ltssl.outcome"]) == ("FINISHED", "finished")
+    assert "search.num_trials 2 -> 3" in parent.data.tags["ltssl.extended"]
+    assert len(after) == 3 and cut <= {c.info.run_id for c in after}  # the cut trial's run reopened, not a new one
+    assert all((c.info.status, c.data.tags["ltssl.outcome"]) == ("FINISHED", "finished") for c in after)
+    assert not any("mlflow.note.content" in c.data.tags for c in after)  # "Ended: cut by ..." went with the reopening
+    study = optuna.load_study(study_name=parent.info.run_name, storage=study_url)
+    assert_chains_match_runs(client, after, study, last_step=300)
+
+
+@pytest.mark.slow
+def test_a_trial_that_errored_is_retried_on_request_from_its_checkpoint(tmp_path):
+    # no retries allowed: the worker killed mid-trial (as by the OOM killer) fails the trial for good, and the sweep
+    # ends with it failed; --resume --retry-failed continues it from its last checkpoint to a finished trial
+    text = RESUMABLE.replace("max_concurrent: 1\n", "max_concurrent: 1\n  max_failures: 0\n")
+    (tmp_path / "space.yaml").write_text(text + 'storage: {optuna: "sqlite:///optuna.db"}\n')
+    sweep = start_sweep(tmp_path)
+    deadline = time.monotonic() + 300
+    while (report := first_report(tmp_path, "resumable")) is None:
+        if sweep.poll() is not None or time.monotonic() > deadline:
+            sweep.kill()
+            pytest.fail("no trial reported an evaluation:\n" + sweep.communicate()[0][-3000:])
+        time.sleep(0.3)
+    os.kill(report["pid"], signal.SIGKILL)
+    output, _ = sweep.communicate(timeout=400)
+    assert sweep.returncode == 0, output[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    _, parent, before = runs_of(client, "resumable")
+    (failed,) = [c for c in before if c.data.tags["ltssl.outcome"] == "failed"]
+    assert failed.info.status == "FAILED" and failed.data.tags["ltssl.tune_trial_id"] == report["trial_id"]
+
+    plain = cli(tmp_path, "--space", "space.yaml", "--resume")  # a failed trial stays failed without the flag
+    assert plain.returncode == 0 and "[sweep] start" not in plain.stdout, plain.stdout[-3000:] + plain.stderr[-3000:]
+    _, _, still = runs_of(client, "resumable")
+    assert sorted(c.data.tags["ltssl.outcome"] for c in still) == ["failed", "finished", "finished"]
+
+    again = cli(tmp_path, "--space", "space.yaml", "--resume", "--retry-failed")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"retrying  {report['trial_id']}" in again.stdout
+    _, parent, after = runs_of(client, "resumable")
+    assert (parent.info.status, parent.data.tags["ltssl.outcome"]) == ("FINISHED", "finished")
+    assert sorted(c.info.run_id for c in after) == sorted(c.info.run_id for c in before)
+    assert all((c.info.status, c.data.tags["ltssl.outcome"]) == ("FINISHED", "finished") for c in after)
+    retried = tune_reports(tmp_path, failed)
+    assert [r["step"] for r in retried] == [20, 40, 60]  # from its checkpoint at 20: nothing ran twice
+    study = optuna.load_study(study_name=parent.info.run_name, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert_chains_match_runs(client, after, study, last_step=60)
+    assert len(study.trials) == 4

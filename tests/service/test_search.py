@@ -110,8 +110,8 @@ def test_concurrency_limit_and_asha_on_the_evaluation_cadence(write_space, tmp_p
         "  num_trials: 6\n  max_concurrent: 2\n  scheduler: {type: asha, grace_period: 1, reduction_factor: 2}\n",
     )
     plan = load_plan(write_space(text), launch_dir=tmp_path)
-    limiter, inner = build_searcher(plan)
-    assert limiter.max_concurrent == 2 and isinstance(inner, SweepSearch)
+    generator, inner = build_searcher(plan)
+    assert generator.searcher.max_concurrent == 2 and isinstance(inner, SweepSearch)
     scheduler = build_scheduler(plan)
     assert scheduler._time_attr == EVALUATION
     assert scheduler._max_t == 3  # 60 iterations / one evaluation every 20
@@ -216,3 +216,115 @@ def test_a_resumed_searcher_takes_over_trials_started_after_the_snapshot(write_s
     assert f.user_attrs["tune_trial_id"] == "x"  # the Tune trial that ran it to its end
     e = by_number[configs["e"]["service"]["optuna_trial"]]
     assert e.state == TrialState.COMPLETE and e.value == pytest.approx(0.5)
+
+
+def close(study, number: int, outcome: str) -> None:
+    """What the sweep's end does to a trial its time budget cut (service.sweep.close_stale)."""
+    import optuna
+
+    trial = optuna.Trial(study, study.trials[number]._trial_id)
+    trial.set_user_attr("ltssl_outcome", outcome)
+    study.tell(trial, state=TrialState.FAIL)
+
+
+def test_a_closed_trial_that_a_resume_continues_becomes_a_new_optuna_trial_with_its_history(
+    write_space, tmp_path, capsys
+):
+    # cut by the time budget: Optuna FAIL; the resume continues the Tune trial from its checkpoint, and Optuna
+    # never reopens a finished trial: a new one carries the values, the history so far and `continues_trial`
+    import pickle
+
+    from service.search import CONTINUES, planned_count
+
+    plan = load_plan(write_space(SMALL + "storage: {optuna: sqlite:///optuna.db}\n"), launch_dir=tmp_path)
+    search = SweepSearch(plan)
+    config = search.suggest("a")
+    search.on_trial_result("a", result(20, 0.3))
+    snapshot = pickle.dumps(search)  # Tune's state at the graceful stop
+    close(search.study, 0, "time budget")
+
+    resumed = pickle.loads(snapshot)
+    resumed.on_trial_result("a", result(40, 0.4))
+    resumed.on_trial_complete("a", result=result(60, 0.5))
+    closed, continued = resumed.study.trials
+    assert (closed.state, closed.user_attrs["ltssl_outcome"]) == (TrialState.FAIL, "time budget")
+    assert continued.state == TrialState.COMPLETE and continued.value == pytest.approx(0.5)
+    assert continued.user_attrs[CONTINUES] == 0 and continued.user_attrs["tune_trial_id"] == "a"
+    assert "ltssl_outcome" not in continued.user_attrs
+    assert continued.params == closed.params == {k: v for k, v in config["service"]["params"].items()}
+    assert continued.intermediate_values == {20: 0.3, 40: 0.4, 60: 0.5}
+    assert planned_count(resumed.study) == 1  # a chain counts once toward the planned number
+    assert "Tune trial a continues Optuna trial 0 (closed: time budget) as Optuna trial 1" in capsys.readouterr().out
+
+
+def test_a_continuation_started_after_the_last_snapshot_stays_with_its_tune_trial(write_space, tmp_path):
+    # the driver died after the continuation was created and before Tune's next snapshot: on the next resume the
+    # continuation belongs to the same Tune trial (not an orphan a new Tune trial would take over, nor a second one)
+    import pickle
+
+    plan = load_plan(write_space(SMALL + "storage: {optuna: sqlite:///optuna.db}\n"), launch_dir=tmp_path)
+    search = SweepSearch(plan)
+    search.suggest("a")
+    search.on_trial_result("a", result(20, 0.3))
+    snapshot = pickle.dumps(search)
+    close(search.study, 0, "time budget")
+    pickle.loads(snapshot).on_trial_result("a", result(40, 0.4))  # a continuation is made; then kill -9
+
+    again = pickle.loads(snapshot)
+    assert again._orphans == []
+    again.on_trial_result("a", result(60, 0.5))
+    again.on_trial_complete("a", result=result(60, 0.5))
+    closed, continued = again.study.trials
+    assert (closed.state, continued.state) == (TrialState.FAIL, TrialState.COMPLETE)
+    assert continued.intermediate_values == {20: 0.3, 40: 0.4, 60: 0.5}
+
+
+def test_an_errored_trial_retried_in_an_in_memory_study_continues_too(small_plan):
+    # --retry-failed: Tune requeues an ERROR trial, whose Optuna trial is FAIL in the study Tune's state holds
+    search = SweepSearch(small_plan)
+    search.suggest("e")
+    search.on_trial_result("e", result(20, 0.3))
+    search.on_trial_complete("e", error=True)
+    path = small_plan.launch_dir / "searcher.pkl"
+    search.save(str(path))
+    resumed = SweepSearch(small_plan)
+    resumed.restore(str(path))
+    resumed.on_trial_result("e", result(40, 0.4))
+    resumed.on_trial_complete("e", result=result(60, 0.5))
+    failed, continued = resumed.study.trials
+    assert (failed.state, continued.state) == (TrialState.FAIL, TrialState.COMPLETE)
+    assert continued.intermediate_values == {20: 0.3, 40: 0.4, 60: 0.5}
+
+
+def test_a_restored_generator_takes_the_raised_planned_number_and_asks_the_searcher_again(small_plan, monkeypatch):
+    from service.search import SweepGenerator
+
+    generator, _ = build_searcher(small_plan)
+    state = {"counter": 6, "total_samples": 6, "finished": True, "experiment": None}
+    monkeypatch.setattr(SweepGenerator, "planned", 9)
+    generator.set_state(state)
+    assert (generator.total_samples, generator.is_finished()) == (9, False)
+    monkeypatch.setattr(SweepGenerator, "planned", 6)
+    generator.set_state(state)  # a plain resume: the number stands, and the searcher says whether it is done
+    assert (generator.total_samples, generator.is_finished()) == (6, True)
+
+
+def test_the_concurrency_limit_passes_on_the_end_of_a_retried_trial(write_space, tmp_path):
+    # the limiter forgets a trial when it fails; --retry-failed continues it, and its end must still reach Optuna
+    text = SMALL.replace("  num_trials: 6\n", "  num_trials: 6\n  max_concurrent: 1\n")
+    plan = load_plan(write_space(text + "storage: {optuna: sqlite:///optuna.db}\n"), launch_dir=tmp_path)
+    generator, search = build_searcher(plan)
+    limiter = generator.searcher
+    limiter.suggest("a")
+    limiter.on_trial_result("a", result(20, 0.3))
+    limiter.on_trial_complete("a", error=True)
+    assert limiter.live_trials == set()
+    search.save(str(tmp_path / "searcher.pkl"))
+    search.restore(str(tmp_path / "searcher.pkl"))  # --resume --retry-failed: Tune restores the searcher
+    limiter.on_trial_result("a", result(40, 0.4))  # the retry, from its checkpoint at 20
+    assert limiter.live_trials == {"a"} and limiter.suggest("b") is None  # it holds the one slot
+    limiter.on_trial_complete("a", result=result(60, 0.5))
+    failed, continued = search.study.trials
+    assert (failed.state, continued.state) == (TrialState.FAIL, TrialState.COMPLETE)
+    assert continued.intermediate_values == {20: 0.3, 40: 0.4, 60: 0.5}
+    assert limiter.live_trials == set()
