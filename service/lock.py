@@ -68,7 +68,10 @@ class SweepLock:
         self._created = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(path, "a+")  # noqa: SIM115 - held open for the whole run
+            path.touch()
+            # held open for the whole run, read-only: a descriptor open for writing would keep the storage from
+            # being remounted read-only (and flock takes an exclusive lock through any descriptor)
+            handle = open(path)  # noqa: SIM115
         except OSError as err:  # read-only, full, under a file, or not a real directory (/proc, a mount that refuses)
             raise ConfigError(
                 f"{self.plan.source}: storage.path {self.plan.storage} cannot be written ({err.strerror or err}: "
@@ -84,10 +87,7 @@ class SweepLock:
                 f"{self.plan.source}: another driver is running sweep {self.plan.sweep_name} (lock {path}, held by "
                 f"{holder}); wait for it to end or stop it (Ctrl-C), then --resume"
             ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(json.dumps(self._holder()))
-        handle.flush()
+        path.write_text(json.dumps(self._holder()))
         self._file, self._path = handle, path
 
     def _lock_postgres(self, url: str) -> None:

@@ -134,6 +134,6 @@ class Location:
 
     def delete(self) -> None:
         """Remove the file (nothing when it is not there)."""
-        fs, path = self.filesystem()
-        if fs.get_file_info(path).type == pyarrow.fs.FileType.File:
+        if self.is_file():
+            fs, path = self.filesystem()
             fs.delete_file(path)

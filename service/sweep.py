@@ -431,9 +431,9 @@ def replay_unwritten(plan: Plan, record: SweepRecord) -> None:
 def save_unwritten(plan: Plan) -> int:
     """Save the MLflow writes this session left undone (`MlflowTrialLogger.unwritten`) in the sweep's folder, after
     those an earlier session left and this one could not make either; `--resume` makes them. How many are saved."""
-    if not MlflowTrialLogger.unwritten:
-        return 0
     where = plan.sweep_location / UNWRITTEN
+    if not MlflowTrialLogger.unwritten:  # those a replay at the start could not make are still there
+        return len(pickle.loads(where.read_bytes())) if where.is_file() else 0
     try:
         writes = (pickle.loads(where.read_bytes()) if where.is_file() else []) + MlflowTrialLogger.unwritten
         where.write_bytes(pickle.dumps(writes))

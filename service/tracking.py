@@ -175,6 +175,7 @@ class MlflowTrialLogger(tune.Callback):
         self._wake = threading.Event()  # set when the sweep's end gives up: a write waiting to retry stops waiting
         self._current: tuple[Callable, tuple] | None = None  # the write the writer thread is making
         self._given_up: list[tuple[Callable, tuple]] = []  # writes the writer stopped retrying at the sweep's end
+        self._done = 0  # writes the writer got through (made, or refused by MLflow)
         self._bug: Exception | None = None
         self._reconciled = False
 
@@ -232,9 +233,9 @@ class MlflowTrialLogger(tune.Callback):
         )
         if left:
             print(
-                f"[sweep] tracking: {len(left)} MLflow write(s) still failed after {FLUSH_TIMEOUT_S:g} s "
-                f"({', '.join(left[:10])}{', ...' if len(left) > 10 else ''}); they are saved with the sweep, and "
-                "the same command with --resume makes them once MLflow answers",
+                f"[sweep] tracking: {len(left)} MLflow write(s) undone after {FLUSH_TIMEOUT_S:g} s without progress: "
+                f"{', '.join(left[:10])}{', ...' if len(left) > 10 else ''}; they are saved with the sweep, and the "
+                "same command with --resume makes them once MLflow answers",
                 flush=True,
             )
 
@@ -247,10 +248,13 @@ class MlflowTrialLogger(tune.Callback):
         self._queue.put((task, args))
 
     def flush(self, timeout: float) -> list[str]:
-        """Wait until every queued write is done, at most `timeout` s; the names of those left undone, which are
-        added to `unwritten` (with the one being retried: making it again records nothing twice)."""
-        deadline = time.monotonic() + timeout
+        """Wait until every queued write is done, giving up once `timeout` s pass without one getting done; the
+        names of those left undone, which are added to `unwritten` (with the one being retried: making it again
+        records nothing twice)."""
+        deadline, done = time.monotonic() + timeout, self._done
         while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            if self._done != done:  # MLflow is taking them: a long backlog is not an outage
+                deadline, done = time.monotonic() + timeout, self._done
             time.sleep(0.05)
         if not self._queue.unfinished_tasks:
             return []
@@ -286,6 +290,7 @@ class MlflowTrialLogger(tune.Callback):
             self._current = (task, args)
             self._run_task(task, args)
             self._current = None
+            self._done += 1
             self._queue.task_done()
 
     def _run_task(self, task: Callable, args: tuple) -> None:

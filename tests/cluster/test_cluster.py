@@ -340,12 +340,13 @@ def test_records_mlflow_did_not_take_before_the_end_are_written_by_resume(tmp_pa
         server.kill()
         output, _ = sweep.communicate(timeout=600)
         assert sweep.returncode == 75, output[-3000:]
-        assert "Traceback" not in output, output[-3000:]
+        assert 'service/sweep.py", line' not in output, output[-3000:]  # no traceback of the driver's own
         assert "with --resume once MLflow answers" in output, output[-3000:]
         (saved,) = (launch / "ray_results").glob("after_end-*/unwritten_mlflow.pkl")
 
         server.start()
-        resumed = tune(launch, "--tracking-uri", server.url, "--resume", env=env)
+        patient = {**env, "LTSSL_MLFLOW_FLUSH_TIMEOUT_S": "60"}  # a write may take seconds on a loaded machine
+        resumed = tune(launch, "--tracking-uri", server.url, "--resume", env=patient)
         assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
         assert "MLflow write(s) an earlier session left undone" in resumed.stdout
         assert not saved.exists()

@@ -250,8 +250,11 @@ def test_a_storage_that_refuses_writes_stops_the_sweep_and_resume_finishes_it(tm
         filler = store / "filler"
         if refusal == "full":
             subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M"], capture_output=True)  # until ENOSPC
-        else:
-            subprocess.run(["mount", "-o", "remount,ro", str(store)], check=True)
+        else:  # the kernel refuses while a file there is open for writing (a checkpoint being copied): try again
+            deadline = time.monotonic() + 60
+            while subprocess.run(["mount", "-o", "remount,ro", str(store)], capture_output=True).returncode != 0:
+                assert time.monotonic() < deadline, "the storage never became free of writers"
+                time.sleep(0.05)
         driver.wait(timeout=300)
         out = output(driver)
         assert driver.returncode == 2, out[-4000:]

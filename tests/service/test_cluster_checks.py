@@ -129,3 +129,9 @@ def test_local_location_reads_and_writes_whole_files(tmp_path):
     assert where.subdirs() == ["sweep-a"] and (where / "sweep-a").exists()
     assert (where / "sweep-a" / "service_plan.json").read_text() == '{"a": 1}'
     assert [p.name for p in (tmp_path / "store" / "sweep-a").iterdir()] == ["service_plan.json"]  # no temp file
+    pending = where / "sweep-a" / "unwritten_mlflow.pkl"
+    pending.write_bytes(b"\x80\x05]\x94.")
+    assert pending.is_file() and pending.read_bytes() == b"\x80\x05]\x94."
+    pending.delete()
+    pending.delete()  # nothing there: nothing to do
+    assert not pending.is_file() and (where / "sweep-a" / "service_plan.json").is_file()
