@@ -11,6 +11,7 @@ The lock file records the holder (host, pid, start time), so the refusal says wh
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -69,24 +70,31 @@ class SweepLock:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.touch()
-            # held open for the whole run, read-only: a descriptor open for writing would keep the storage from
-            # being remounted read-only (and flock takes an exclusive lock through any descriptor)
+            # held open for the whole run, read-only where the file system allows: a descriptor open for writing
+            # keeps the storage from being remounted read-only. NFS emulates flock with fcntl locks, which want a
+            # descriptor open for writing (EBADF otherwise): there the lock is taken through one
             handle = open(path)  # noqa: SIM115
+            try:
+                locked = _flock(handle)
+            except OSError as err:
+                handle.close()
+                if err.errno != errno.EBADF:
+                    raise
+                handle = open(path, "r+")  # noqa: SIM115
+                locked = _flock(handle)
         except OSError as err:  # read-only, full, under a file, or not a real directory (/proc, a mount that refuses)
             raise ConfigError(
                 f"{self.plan.source}: storage.path {self.plan.storage} cannot be written ({err.strerror or err}: "
                 f"{err.filename or path}); choose a directory you can write to"
             ) from None
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not locked:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             handle.close()
             raise ConfigError(
                 f"{self.plan.source}: another driver is running sweep {self.plan.sweep_name} (lock {path}, held by "
                 f"{holder}); wait for it to end or stop it (Ctrl-C), then --resume"
-            ) from None
+            )
         path.write_text(json.dumps(self._holder()))
         self._file, self._path = handle, path
 
@@ -105,3 +113,12 @@ class SweepLock:
                 f"lock {key} in {secrets.redact(url)}); wait for it to end or stop it (Ctrl-C), then --resume"
             )
         self._connection = connection
+
+
+def _flock(handle: Any) -> bool:
+    """An exclusive flock on the open file, without waiting: False when another process holds it."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True

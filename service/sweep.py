@@ -297,7 +297,7 @@ def run(plan: Plan, stored: dict[str, Any] | None, address: str | None, retry_fa
         print(f"[sweep] ray: connected in {time.perf_counter() - connecting:.1f} s{shipped}", flush=True)
     started = time.monotonic()
     # what Tune's callbacks note for this sweep lives on their classes (Tune may hold unpickled copies of them)
-    StorageWatch.refused, RESTORE_WATCH.failure = None, None
+    StorageWatch.refused, RESTORE_WATCH.failure, SAVE_WATCH.failed = None, None, False
     CheckpointPruner.ended, CheckpointPruner.started = [], False
     MlflowTrialLogger.unwritten = []
     SweepGenerator.planned = plan.num_trials
@@ -343,8 +343,8 @@ def run(plan: Plan, stored: dict[str, Any] | None, address: str | None, retry_fa
             CheckpointPruner.ended, CheckpointPruner.started = [], False
             Session.begin(plan.spec.search.time_budget_s, started, retry_failed)
             _tuner(plan, record, MlflowTrialLogger(record), restore=False).fit()
-        if StorageWatch.refused is None:  # Tune saved its final state: the trials that ended are ended there too
-            CheckpointPruner.prune_ended()
+        if StorageWatch.refused is None and not SAVE_WATCH.failed:
+            CheckpointPruner.prune_ended()  # Tune saved its final state: the trials that ended are ended there too
     except RestoreFailed as err:
         # nothing ran: the parent run goes back to how the sweep left it
         client_for(record).update_run(record.parent_run_id, status=previous[0])
@@ -365,13 +365,22 @@ def run(plan: Plan, stored: dict[str, Any] | None, address: str | None, retry_fa
             raise
         StorageWatch.refused = StorageWatch.refused or refused
     finally:
-        pending = save_unwritten(plan) if record is not None else 0
-        ray.shutdown()
+        try:
+            pending, unsaved = save_unwritten(plan) if record is not None else (0, None)
+        finally:
+            ray.shutdown()
+    if unsaved is not None:
+        raise RecordsPending(
+            f"MLflow at {secrets.redact(plan.tracking_uri)} did not take {pending} record(s) before the sweep's end, "
+            f"and they could not be saved in {plan.sweep_location / UNWRITTEN} ({unsaved}): those records are lost. "
+            "--resume closes the runs that stayed open"
+        )
     if pending:
         raise RecordsPending(
             f"the sweep's trials ran, but MLflow at {secrets.redact(plan.tracking_uri)} did not take {pending} "
             f"record(s) before the end; they are saved in {plan.sweep_location / UNWRITTEN}. Run the same command "
-            "with --resume once MLflow answers: it writes them and closes the sweep"
+            "with --resume once MLflow answers: it writes them first, then goes on as any resume (a sweep its time "
+            "budget stopped continues its cut trials)"
         )
     if StorageWatch.refused is not None:
         terminal(client_for(record), record.parent_run_id, "KILLED", "interrupted")
@@ -393,7 +402,8 @@ def run(plan: Plan, stored: dict[str, Any] | None, address: str | None, retry_fa
             raise
         raise RecordsPending(
             f"the sweep's trials ran, but MLflow at {secrets.redact(plan.tracking_uri)} stopped answering at the end "
-            f"({type(err).__name__}). Run the same command with --resume once it answers: it closes the sweep"
+            f"({type(err).__name__}). Run the same command with --resume once it answers: it closes the sweep (one "
+            "its time budget stopped continues its cut trials)"
         ) from None
     return outcome
 
@@ -419,7 +429,10 @@ def replay_unwritten(plan: Plan, record: SweepRecord) -> None:
         return
     writes = pickle.loads(where.read_bytes())
     print(f"[sweep] tracking: making {len(writes)} MLflow write(s) an earlier session left undone", flush=True)
-    left = MlflowTrialLogger(record).replay(writes, FLUSH_TIMEOUT_S)
+    logger = MlflowTrialLogger(record)
+    left = logger.replay(writes, FLUSH_TIMEOUT_S)
+    if logger.bug is not None:  # a write that cannot be made as saved (traceback above): keep them all, stop here
+        raise RuntimeError(f"making the MLflow writes saved in {where} failed; the file is kept") from logger.bug
     if left:  # the file keeps those only; this session's own are added to them at its end
         where.write_bytes(pickle.dumps(MlflowTrialLogger.unwritten))
         MlflowTrialLogger.unwritten = []
@@ -428,20 +441,20 @@ def replay_unwritten(plan: Plan, record: SweepRecord) -> None:
         where.delete()
 
 
-def save_unwritten(plan: Plan) -> int:
+def save_unwritten(plan: Plan) -> tuple[int, str | None]:
     """Save the MLflow writes this session left undone (`MlflowTrialLogger.unwritten`) in the sweep's folder, after
-    those an earlier session left and this one could not make either; `--resume` makes them. How many are saved."""
+    those an earlier session left and this one could not make either; `--resume` makes them. (How many are
+    pending, why they could not be saved or None.)"""
     where = plan.sweep_location / UNWRITTEN
-    if not MlflowTrialLogger.unwritten:  # those a replay at the start could not make are still there
-        return len(pickle.loads(where.read_bytes())) if where.is_file() else 0
+    mine = MlflowTrialLogger.unwritten
     try:
-        writes = (pickle.loads(where.read_bytes()) if where.is_file() else []) + MlflowTrialLogger.unwritten
-        where.write_bytes(pickle.dumps(writes))
-    except OSError as err:
-        print(f"[sweep] tracking: could not save the undone MLflow writes in {where}: {err}", flush=True)
-        return 0
+        earlier = pickle.loads(where.read_bytes()) if where.is_file() else []
+        if mine:
+            where.write_bytes(pickle.dumps(earlier + mine))
+    except Exception as err:  # noqa: BLE001 - a sweep's end must not hide what went wrong before it
+        return len(mine), f"{type(err).__name__}: {err}"
     MlflowTrialLogger.unwritten = []
-    return len(writes)
+    return len(earlier) + len(mine), None
 
 
 class RecordsPending(Exception):
@@ -494,6 +507,27 @@ class _RestoreWatch(logging.Filter):
 
 RESTORE_WATCH = _RestoreWatch()
 logging.getLogger("ray.tune.execution.tune_controller").addFilter(RESTORE_WATCH)
+
+
+class _SaveWatch(logging.Filter):
+    """Notes a failed save of Tune's experiment state, which Tune only logs (`fit()` returns as usual): the
+    checkpoint pruner must not trust a final save that did not reach the storage."""
+
+    MESSAGES = ("Experiment state snapshotting failed", "Saving experiment state to storage at ")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.getMessage().startswith(self.MESSAGES):
+            self.failed = True
+        return True
+
+
+SAVE_WATCH = _SaveWatch()
+for _name in ("ray.tune.tune", "ray.tune.execution.experiment_state"):
+    logging.getLogger(_name).addFilter(SAVE_WATCH)
 
 
 def _save_errored_trials() -> None:

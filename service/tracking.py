@@ -126,6 +126,7 @@ def _view(trial: Any) -> SimpleNamespace:
         checkpoint=getattr(trial, "checkpoint", None),
         last_result=dict(getattr(trial, "last_result", None) or {}),
         error=str(error) if error else None,
+        failures=getattr(getattr(trial, "run_metadata", None), "num_failures", None),  # Tune's count, for retries
         # Tune's own log of the trial's results in the sweep's storage (what the backfill reads)
         results=(storage.storage_filesystem, f"{storage.trial_fs_path}/{RESULT_FILE}") if storage else None,
     )
@@ -185,6 +186,11 @@ class MlflowTrialLogger(tune.Callback):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.record = state["record"]
         self._session()
+
+    @property
+    def bug(self) -> Exception | None:
+        """The first write that failed in a way no retry cures (a programming error), if any."""
+        return self._bug
 
     @property
     def client(self) -> MlflowClient:
@@ -272,7 +278,7 @@ class MlflowTrialLogger(tune.Callback):
             time.sleep(0.05)
         # a write still hanging in a call is kept too: made twice, it records once
         hanging = [self._current] if self._current is not None and self._queue.unfinished_tasks else []
-        undone = self._given_up + hanging + queued
+        undone = list({id(args): (task, args) for task, args in self._given_up + hanging + queued}.values())
         self._given_up = []
         MlflowTrialLogger.unwritten.extend((task.__name__, args) for task, args in undone)
         return [task.__name__.removeprefix("_do_") for task, _ in undone]
@@ -411,7 +417,9 @@ class MlflowTrialLogger(tune.Callback):
 
     def _do_recover(self, trial: Any) -> None:
         run_id = self._run_of(trial)
-        retries = int(self.client.get_run(run_id).data.tags.get(RETRIES, "0")) + 1
+        retries = getattr(trial, "failures", None)  # Tune's count: made twice (a replay), the tag stays right
+        if retries is None:
+            retries = int(self.client.get_run(run_id).data.tags.get(RETRIES, "0")) + 1
         self.client.set_tag(run_id, RETRIES, str(retries))
 
     def _do_complete(self, trial: Any) -> None:

@@ -107,9 +107,10 @@ def assert_exact(client: MlflowClient, experiment: str, optuna_url: str, planned
     assert (parent.info.status, parent.data.tags["ltssl.outcome"]) == ("FINISHED", "finished")
 
 
-def test_driver_killed_twice_then_resumed(ray_cluster: RayCluster, tmp_path, mlflow_server, databases):
-    """kill -9 of the driver mid-sweep, twice, each time after trials have started since the last kill; `--resume`
-    after each. Trials started after Tune's last saved state are taken over, not run as new trials."""
+def test_driver_killed_twice_then_terminated_then_resumed(ray_cluster: RayCluster, tmp_path, mlflow_server, databases):
+    """kill -9 of the driver mid-sweep, twice, each time after trials have started since the last kill, then SIGTERM
+    (a preempted machine) of the next resumed driver; `--resume` after each. Trials started after Tune's last saved
+    state are taken over, not run as new trials."""
     optuna_url = databases()
     (tmp_path / "space.yaml").write_text(SPACE.format(name="driver_kill", optuna=optuna_url))
     client = MlflowClient(mlflow_server)
@@ -136,14 +137,22 @@ def test_driver_killed_twice_then_resumed(ray_cluster: RayCluster, tmp_path, mlf
     driver.send_signal(signal.SIGKILL)
     driver.wait(timeout=60)
 
-    for round_ in range(2):
+    # second kill -9, then SIGTERM, each once the resumed sweep has recorded two more evaluations
+    for stop in (signal.SIGKILL, signal.SIGTERM, None):
         before = evaluations(client, "driver_kill")
         driver = start(tmp_path, mlflow_server, env, *args, "--resume")
-        if round_ == 0:  # second kill: once the resumed sweep has recorded two more evaluations
-            wait_for("two more evaluations", lambda n=before: evaluations(client, "driver_kill") >= n + 2, driver)
-            driver.send_signal(signal.SIGKILL)
-            driver.wait(timeout=60)
         resumed.append(driver)
+        if stop is None:
+            break
+        wait_for("two more evaluations", lambda n=before: evaluations(client, "driver_kill") >= n + 2, driver)
+        driver.send_signal(stop)
+        driver.wait(timeout=180)
+        if stop == signal.SIGTERM:  # stopped gracefully: records flushed, runs closed as interrupted, resumable
+            assert driver.returncode == 130, output(driver)[-4000:]
+            assert "Interrupted. Resume with: python -m service.tune" in output(driver)
+            parent = client.get_run(child_runs(client, "driver_kill")[0].data.tags["mlflow.parentRunId"])
+            assert (parent.info.status, parent.data.tags["ltssl.outcome"]) == ("KILLED", "interrupted")
+            assert not any(c.info.status == "RUNNING" for c in child_runs(client, "driver_kill"))
     driver.wait(timeout=900)
     assert driver.returncode == 0, output(driver)[-4000:]
     assert_exact(client, "driver_kill", optuna_url)

@@ -71,3 +71,21 @@ def test_a_trial_without_a_checkpoint_is_left_alone(tmp_path):
     CheckpointPruner().on_trial_complete(iteration=1, trials=[trial], trial=trial)
     CheckpointPruner.prune_ended()
     assert left(tmp_path, "a") == ["checkpoint_000000", "result.json"]
+
+
+def test_a_failed_save_of_tunes_state_is_noticed(monkeypatch):
+    # Tune only logs a failed save (fit() returns as usual): the pruner must not trust that final save
+    import logging
+
+    from service.sweep import SAVE_WATCH
+
+    monkeypatch.setattr(SAVE_WATCH, "failed", False)
+    logging.getLogger("ray.tune.tune").info("Wrote the latest version of all result files and experiment state")
+    assert not SAVE_WATCH.failed
+    logging.getLogger("ray.tune.tune").error("Experiment state snapshotting failed:", exc_info=False)
+    assert SAVE_WATCH.failed
+    SAVE_WATCH.failed = False
+    logging.getLogger("ray.tune.execution.experiment_state").error(
+        "Saving experiment state to storage at 's3://b/x' failed with exception: "
+    )
+    assert SAVE_WATCH.failed

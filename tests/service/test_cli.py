@@ -296,3 +296,30 @@ def test_every_shipped_space_passes_its_dry_run(tmp_path, space):
     assert out.returncode == 0, out.stderr
     assert "Dry run: nothing was started or written." in out.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_sweep_lock_on_a_file_system_that_locks_only_writable_files(write_space, tmp_path, monkeypatch):
+    # NFS emulates flock with fcntl locks, which refuse a descriptor not open for writing (EBADF): the lock is then
+    # taken through a writable one, and a second driver is still refused. Elsewhere the file is held read-only
+    import errno
+    import fcntl
+
+    from service import lock
+
+    held = []
+    real = fcntl.flock
+
+    def nfs_like(handle, operation):
+        if handle.mode == "r":
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        held.append(handle.mode)
+        return real(handle, operation)
+
+    plan = load_plan(write_space(SMALL), launch_dir=tmp_path)
+    with lock.SweepLock(plan) as first:
+        assert first._file.mode == "r"  # a local disk: no writer kept open on the storage
+    monkeypatch.setattr(lock.fcntl, "flock", nfs_like)
+    with lock.SweepLock(plan):
+        with pytest.raises(ConfigError, match="another driver is running sweep"):
+            lock.SweepLock(plan).__enter__()
+    assert held == ["r+", "r+"]  # the lock taken, then refused to the second driver, through writable descriptors
