@@ -271,6 +271,63 @@ def test_one_driver_per_sweep_in_team_mode_through_a_postgres_lock(tmp_path, dat
         pass
 
 
+def lock_holders(url: str) -> list[int]:
+    """The backends holding an advisory lock."""
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    with engine.connect() as connection:
+        query = (
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+        return [row[0] for row in connection.execute(sqlalchemy.text(query))]
+
+
+def terminate(url: str, pids: list[int]) -> None:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    with engine.connect() as connection:
+        for pid in pids:
+            connection.execute(sqlalchemy.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+
+
+def test_a_postgres_lock_whose_connection_drops_is_taken_again_or_its_sweep_stopped(tmp_path, databases, monkeypatch):
+    # a terminated backend (a PostgreSQL restart, a failover) releases the advisory lock without a word: the
+    # holder's watchdog takes it again; if another driver got it first, the holder stops its own sweep
+    from service import lock
+    from service.plan import load_plan
+    from trainables.config import ConfigError
+
+    monkeypatch.setattr(lock, "LOCK_CHECK_S", 0.2)
+    url = databases()
+    (tmp_path / "space.yaml").write_text(space("relocked", extra=f"storage: {{path: 's3://b/s', optuna: '{url}'}}\n"))
+    plan = load_plan(tmp_path / "space.yaml", launch_dir=tmp_path)
+    lost = []
+    with lock.SweepLock(plan, on_lost=lambda: lost.append(True)):
+        (first,) = lock_holders(url)
+        terminate(url, [first])
+        deadline = time.monotonic() + 30
+        while lock_holders(url) in ([], [first]):
+            assert time.monotonic() < deadline, "the lock was never taken again"
+            time.sleep(0.1)
+        with pytest.raises(ConfigError, match="another driver is running sweep relocked-"):
+            lock.SweepLock(plan).__enter__()  # the lock holds again
+        assert lost == []
+
+        (second,) = lock_holders(url)
+        monkeypatch.setattr(lock, "LOCK_CHECK_S", 2.0)  # room for another driver to step in first
+        time.sleep(0.3)  # the watchdog is in its 2 s wait
+        terminate(url, [second])
+        time.sleep(0.5)
+        with lock.SweepLock(plan, on_lost=lambda: None):  # the other driver
+            deadline = time.monotonic() + 30
+            while not lost:
+                assert time.monotonic() < deadline, "the holder never noticed it had lost the lock"
+                time.sleep(0.1)
+
+
 def test_an_mlflow_outage_delays_records_but_loses_none(tmp_path, databases, s3_server):
     # the tracking server goes down for longer than a trial's evaluation interval and comes back mid-sweep:
     # training goes on (the writes wait in the driver's queue), and every evaluation ends up in MLflow exactly once
