@@ -80,9 +80,13 @@ def evaluations(client: MlflowClient, experiment: str) -> int:
     return sum(int(r.data.tags.get("ltssl.last_step", "0")) // EVERY for r in child_runs(client, experiment))
 
 
-def assert_exact(client: MlflowClient, experiment: str, optuna_url: str, planned: int = PLANNED) -> None:
+def assert_exact(
+    client: MlflowClient, experiment: str, optuna_url: str, planned: int = PLANNED, diverging_lr: float | None = None
+) -> None:
     """Every planned trial: one child run FINISHED (outcome finished) with each evaluation once, and one Optuna
-    trial COMPLETE with the same value and intermediate values; nothing else in either store."""
+    trial COMPLETE with the same value and intermediate values; nothing else in either store. A trial with the
+    learning rate `diverging_lr` instead failed at its first evaluation, at once: FAILED (not retried, the reason in
+    error.txt, no metric) and Optuna FAIL."""
     children = child_runs(client, experiment)
     assert len(children) == planned, sorted((c.data.tags.get("ltssl.optuna_trial"), c.info.status) for c in children)
     numbers = sorted(int(c.data.tags["ltssl.optuna_trial"]) for c in children)
@@ -93,12 +97,18 @@ def assert_exact(client: MlflowClient, experiment: str, optuna_url: str, planned
     assert sorted(trials) == numbers
     for child in children:
         run_id = child.info.run_id
+        trial = trials[int(child.data.tags["ltssl.optuna_trial"])]
+        if diverging_lr is not None and float(child.data.params["optim.lr"]) == diverging_lr:
+            assert (child.info.status, child.data.tags["ltssl.outcome"]) == ("FAILED", "failed"), child.data.tags
+            assert "ltssl.retries" not in child.data.tags and "val/balanced_acc" not in child.data.metrics
+            assert child.data.tags["mlflow.note.content"].startswith("training diverged at step 20")
+            assert trial.state == TrialState.FAIL, (trial.number, trial.state)
+            continue
         assert (child.info.status, child.data.tags["ltssl.outcome"]) == ("FINISHED", "finished"), child.data.tags
         for key in ("val/balanced_acc", "val/recall/c03"):
             history = client.get_metric_history(run_id, key)
             assert [m.step for m in history] == STEPS, (child.info.run_name, key, [m.step for m in history])
         history = client.get_metric_history(run_id, "val/balanced_acc")
-        trial = trials[int(child.data.tags["ltssl.optuna_trial"])]
         assert trial.state == TrialState.COMPLETE, (trial.number, trial.state)
         assert trial.value == pytest.approx(history[-1].value)
         assert trial.intermediate_values == {m.step: pytest.approx(m.value) for m in history}
@@ -214,9 +224,11 @@ def drop_connections() -> int:
 
 def test_postgres_connections_dropped_mid_sweep(ray_cluster: RayCluster, tmp_path, mlflow_server, databases):
     """Every connection of the MLflow server and of the driver (Optuna, the sweep lock) to PostgreSQL terminated,
-    three times while trials train and report; the pools reconnect and nothing is lost."""
+    three times while trials train and report; the pools reconnect and nothing is lost. Half the trials diverge
+    (a learning rate of 1e12: a non-finite loss at the first evaluation) and fail at once while the others finish."""
     optuna_url = databases()
-    (tmp_path / "space.yaml").write_text(SPACE.format(name="pg_drop", optuna=optuna_url))
+    text = SPACE.format(name="pg_drop", optuna=optuna_url).replace("values: [0.03, 0.01]", "values: [0.03, 1.0e12]")
+    (tmp_path / "space.yaml").write_text(text)
     client = MlflowClient(mlflow_server)
     driver = start(tmp_path, mlflow_server, ray_cluster.env, "--address", ray_cluster.address)
     dropped = []
@@ -227,7 +239,7 @@ def test_postgres_connections_dropped_mid_sweep(ray_cluster: RayCluster, tmp_pat
     driver.wait(timeout=900)
     assert driver.returncode == 0, output(driver)[-4000:]
     assert all(n >= 2 for n in dropped), dropped  # the server's and the driver's connections were open and cut
-    assert_exact(client, "pg_drop", optuna_url)
+    assert_exact(client, "pg_drop", optuna_url, diverging_lr=1.0e12)
 
 
 @pytest.mark.parametrize("refusal", ["full", "read-only"])
