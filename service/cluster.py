@@ -107,7 +107,9 @@ def check_fit(request: dict[str, float], nodes: list[Node], source: str) -> list
 
 
 def _on_each(nodes: list[Node], func: Callable, *args: Any) -> dict[Node, Any]:
-    """Run `func(*args)` once on each node (a zero-CPU task pinned to it); node -> result or exception."""
+    """Run `func(*args)` once on each node (a zero-CPU task pinned to it); node -> result or exception. A node that
+    failed the task and that Ray no longer counts alive afterwards (it died during the check, or had died just
+    before and Ray had not noticed yet) is left out: no trial will run there."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -122,6 +124,9 @@ def _on_each(nodes: list[Node], func: Callable, *args: Any) -> dict[Node, Any]:
             out[node] = ray.get(ref, timeout=CHECK_TIMEOUT_S)
         except Exception as err:  # a node that cannot run the check fails it
             out[node] = err
+    if any(isinstance(result, Exception) for result in out.values()):
+        alive = {r["NodeID"] for r in ray.nodes() if r.get("Alive")}
+        out = {n: r for n, r in out.items() if not isinstance(r, Exception) or n.node_id in alive}
     return out
 
 
@@ -147,12 +152,12 @@ def check_shared_storage(directory: Path, nodes: list[Node], source: str) -> Non
         seen = _on_each(nodes, _read_token, str(marker))
     finally:
         marker.unlink(missing_ok=True)
-    blind = [n for n in nodes if seen[n] != token]
+    blind = [n for n, result in seen.items() if result != token]
     if blind:
         listing = "\n".join(f"  {n.describe()}" for n in blind)
         raise ConfigError(
             f"{source}: storage.path {directory} is a local directory that {len(blind)} of the cluster's "
-            f"{len(nodes)} nodes cannot see, so their trials' checkpoints and results would be lost:\n{listing}\n"
+            f"{len(seen)} nodes cannot see, so their trials' checkpoints and results would be lost:\n{listing}\n"
             "Use a directory every node mounts at the same path (e.g. NFS), or an object store: "
             "storage.path: s3://bucket/prefix (with storage.endpoint_url for an S3-compatible store) or "
             "gs://bucket/prefix"

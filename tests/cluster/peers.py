@@ -203,6 +203,12 @@ def spare_nodes(cluster: RayCluster, where: Path, resources: dict[str, dict[str,
         for node in nodes.values():
             if node.proc.poll() is None:
                 node.kill()
+        # the next test starts on a cluster Ray describes truly: a killed node is alive to Ray until its heartbeats
+        # have been missed long enough, and a driver starting before that counts it as a node it must check
+        gone = {n.node_id for n in nodes.values() if n.node_id}
+        deadline = time.monotonic() + 120
+        while gone & set(_node_ids(cluster.python, cluster.address, cluster.env)) and time.monotonic() < deadline:
+            time.sleep(1)
 
 
 # ---- PostgreSQL, S3, MLflow ------------------------------------------------------------------------------------
