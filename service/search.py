@@ -93,7 +93,7 @@ class SweepSearch(OptunaSearch):
         self._optuna_trial(trial_id).set_user_attr("tune_trial_id", trial_id)
         return config
 
-    def _finished_elsewhere(self, trial_id: str) -> bool:
+    def _settle_restored(self, trial_id: str) -> bool:
         """Whether Optuna's record of a trial Tune continues after a resume is final and stands: the study holds it
         as complete or pruned although Tune's saved state does not (a driver that died after telling Optuna, before
         Tune's next snapshot). A trial the study holds as failed (closed by the time budget, or errored and retried
@@ -131,7 +131,7 @@ class SweepSearch(OptunaSearch):
         return trial
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        if any(k in result for k in NO_METRICS) or self._finished_elsewhere(trial_id):
+        if any(k in result for k in NO_METRICS) or self._settle_restored(trial_id):
             return  # no metric (on_trial_complete tells Optuna the trial failed), or Optuna's record is final
         step = int(result[STEP])
         if step <= self._reported.get(trial_id, -1):
@@ -146,7 +146,7 @@ class SweepSearch(OptunaSearch):
             trial.set_user_attr("intermediate_values", history)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
-        if self._finished_elsewhere(trial_id):
+        if self._settle_restored(trial_id):
             return
         if result is not None and NOT_RETRIED in result:
             super().on_trial_complete(trial_id, result=None, error=True)  # Optuna: FAIL

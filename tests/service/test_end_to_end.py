@@ -369,18 +369,26 @@ def test_a_resume_whose_saved_state_does_not_load_stops_and_changes_nothing(tmp_
     assert (parent_after.info.status, parent_after.data.tags["ltssl.outcome"]) == ("FINISHED", "finished")
 
 
-def test_trials_cut_by_the_time_budget_are_closed_in_both_stores(tmp_path):
-    # the budget ends the sweep mid-trial: nothing may stay RUNNING (TPE's constant liar would count it in flight)
-    text = RESUMABLE.replace("iterations: 60", "iterations: 2000").replace(
-        "max_concurrent: 1\n", "max_concurrent: 1\n  time_budget_s: 25\n"
+def sweep_cut_by_its_budget(tmp_path: Path, iterations: int, budget_s: int, num_trials: int | None = None) -> tuple:
+    """The resumable grid sweep with the study in sqlite, run until its time budget stops it: (client, parent, child
+    runs), once the command exited 0 saying so and the parent run ended FINISHED `time budget`."""
+    budget = f"  time_budget_s: {budget_s}\n" + (f"  num_trials: {num_trials}\n" if num_trials else "")
+    text = RESUMABLE.replace("iterations: 60", f"iterations: {iterations}").replace(
+        "max_concurrent: 1\n", "max_concurrent: 1\n" + budget
     )
     (tmp_path / "space.yaml").write_text(text + 'storage: {optuna: "sqlite:///optuna.db"}\n')
     out = cli(tmp_path, "--space", "space.yaml")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "The time budget of 25 s ended the sweep." in out.stdout
+    assert f"The time budget of {budget_s} s ended the sweep. Give it more time" in out.stdout
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     _, parent, children = runs_of(client, "resumable")
     assert (parent.info.status, parent.data.tags["ltssl.outcome"]) == ("FINISHED", "time budget")
+    return client, parent, children
+
+
+def test_trials_cut_by_the_time_budget_are_closed_in_both_stores(tmp_path):
+    # the budget ends the sweep mid-trial: nothing may stay RUNNING (TPE's constant liar would count it in flight)
+    client, parent, children = sweep_cut_by_its_budget(tmp_path, iterations=2000, budget_s=25)
     assert children and all(
         (c.info.status, c.data.tags["ltssl.outcome"]) == ("KILLED", "time budget") for c in children
     )
@@ -418,16 +426,7 @@ def assert_chains_match_runs(client: MlflowClient, children: list, study, last_s
 def test_a_sweep_its_time_budget_cut_is_given_more_time_and_more_trials(tmp_path):
     # the budget stops the sweep mid-trial; --resume with a larger budget and one more trial continues the cut
     # trial from its checkpoint (a new Optuna trial continuing the closed one) and runs the new one
-    text = RESUMABLE.replace("iterations: 60", "iterations: 300").replace(
-        "max_concurrent: 1\n", "max_concurrent: 1\n  num_trials: 2\n  time_budget_s: 15\n"
-    )
-    (tmp_path / "space.yaml").write_text(text + 'storage: {optuna: "sqlite:///optuna.db"}\n')
-    out = cli(tmp_path, "--space", "space.yaml")
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "The time budget of 15 s ended the sweep. Give it more time" in out.stdout
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    _, parent, before = runs_of(client, "resumable")
-    assert (parent.info.status, parent.data.tags["ltssl.outcome"]) == ("FINISHED", "time budget")
+    client, parent, before = sweep_cut_by_its_budget(tmp_path, iterations=300, budget_s=15, num_trials=2)
     cut = {c.info.run_id for c in before if c.data.tags["ltssl.outcome"] == "time budget"}
     assert len(cut) == 1 and all(c.info.status == "KILLED" for c in before if c.info.run_id in cut)
     study_url = f"sqlite:///{tmp_path / 'optuna.db'}"
