@@ -3,7 +3,8 @@
 Weak view: horizontal flip (p = 0.5), then a random crop back to (H, W) after `pad`-px reflect padding.
 Strong view: the weak view, then RandAugment as FixMatch uses it (Sohn et al., NeurIPS 2020, sec. 2.3 and
 appendix): for each of `num_ops` slots draw one of 14 ops uniformly (with replacement), apply it with p = 0.5
-at an integer level 1..9 of 10; then always a gray Cutout of half the image side. Magnitudes are those of the
+at an integer level 1..9 of 10; then always a gray Cutout square (half the image side unless the caller
+gives its size: the loop passes `data.augment`'s, 16 px at STL-10's 96 px as the reference). Magnitudes are those of the
 DASO reference code (`lib/dataset/transform/transformation.py`, pool "FixMatch"). Every draw is made PER IMAGE
 (torchvision v2 and kornia draw one op for the whole batch).
 
@@ -248,7 +249,7 @@ def draw_strong(
     size: tuple[int, int],
     generator: torch.Generator,
     num_ops: int = 2,
-    cutout: float = 0.5,
+    cutout: int | None = None,
     pad: int = 4,
 ) -> StrongParams:
     """Every random choice of `strong_augment` for `batch` images of size (H, W)."""
@@ -257,7 +258,7 @@ def draw_strong(
     ops = draw_rand_augment(batch, generator, num_ops)
     pixel = torch.randint(0, height * width, (batch,), generator=generator, device=generator.device)
     centers = torch.stack([pixel // width, pixel % width], dim=1)
-    return StrongParams(weak, ops, centers, int(cutout * min(height, width)))
+    return StrongParams(weak, ops, centers, min(height, width) // 2 if cutout is None else cutout)
 
 
 def _reflect(index: Tensor, n: int) -> Tensor:
@@ -331,10 +332,10 @@ def weak_augment(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
 
 
 def strong_augment(
-    x: Tensor, generator: torch.Generator, num_ops: int = 2, cutout: float = 0.5, pad: int = 4
+    x: Tensor, generator: torch.Generator, num_ops: int = 2, cutout: int | None = None, pad: int = 4
 ) -> Tensor:
-    """FixMatch's strong view: weak view, RandAugment with `num_ops` per-image ops, Cutout of side
-    `cutout` x the shorter image side.
+    """FixMatch's strong view: weak view, RandAugment with `num_ops` per-image ops, Cutout of side `cutout`
+    pixels (None: half the shorter image side, FixMatch's 16 px at 32 px).
 
     Shape: (B, 3, H, W) uint8 -> (B, 3, H, W) uint8.
     """

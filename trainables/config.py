@@ -8,6 +8,7 @@ valid names.
 
 from __future__ import annotations
 
+import math
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -59,6 +60,18 @@ class SyntheticConfig(Frozen):
         5000, ge=10, description="train images generated per class before the carve-out (CIFAR: 5000)"
     )
     test_per_class: int = Field(1000, ge=1, description="balanced test images per class (CIFAR: 1000)")
+    # difficulty knobs; the defaults render the original set bit for bit
+    contrast: float = Field(
+        1.0, gt=0, le=1.8, description="scales the object-to-background contrast (0.2-0.55 at 1.0); higher is easier"
+    )
+    noise: float = Field(1.0, ge=0, le=5, description="scales the pixel noise std (0.02-0.08 at 1.0); 0 = none")
+    faint_fill: float = Field(
+        0.15,
+        ge=0,
+        le=1,
+        description="weakest fill texture, as a fraction of full strength (fills are drawn in [faint_fill, 1]); "
+        "near 0 some striped (tail) images look solid (their head partners): how much tail resembles head",
+    )
 
 
 class ImageFolderConfig(Frozen):
@@ -82,6 +95,35 @@ def balanced_per_class(total: int, num_classes: int, what: str = "val_size") -> 
     return total // num_classes
 
 
+class AugmentConfig(Frozen):
+    """Sizes of the weak and strong views, in pixels of the stored image (before any resize to the model's size)."""
+
+    crop_pad: int | Literal["auto"] = Field(
+        "auto", description="reflect padding of the weak view's random crop; auto: side / 8 (4 px at 32 px)"
+    )
+    cutout: int | Literal["auto"] = Field(
+        "auto",
+        description="side of the strong view's Cutout square; auto: 16 px on STL-10 (at 96 px, as the "
+        "reference), else half the side (16 px at 32 px)",
+    )
+
+    def pad_px(self, side: int) -> int:
+        return self.crop_pad if isinstance(self.crop_pad, int) else max(1, round(side / 8))
+
+    def cutout_px(self, side: int, dataset: str) -> int:
+        if isinstance(self.cutout, int):
+            return self.cutout
+        return 16 if dataset == "stl10" else side // 2
+
+    @model_validator(mode="after")
+    def _check(self) -> AugmentConfig:
+        for name in ("crop_pad", "cutout"):
+            value = getattr(self, name)
+            if isinstance(value, int) and value < 0:
+                raise ValueError(f"{name}={value} must be >= 0 or 'auto'")
+        return self
+
+
 class DataConfig(Frozen):
     dataset: DatasetName = "synthetic"
     root: str = "data"
@@ -101,6 +143,7 @@ class DataConfig(Frozen):
     )
     synthetic: SyntheticConfig = SyntheticConfig()
     imagefolder: ImageFolderConfig | None = None
+    augment: AugmentConfig = AugmentConfig()
 
     @property
     def num_classes(self) -> int | None:
@@ -181,6 +224,9 @@ class OptimConfig(Frozen):
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = True
     weight_decay: float = Field(5e-4, ge=0)
+    weight_decay_on: Literal["weights", "all"] = Field(
+        "weights", description="weights: conv and linear weights only (FixMatch); all: every parameter (DASO reference)"
+    )
     schedule: Literal["constant", "cosine"] = Field(
         "constant", description="constant (DASO reference) or FixMatch's lr * cos(7 pi k / (16 K))"
     )
@@ -215,6 +261,12 @@ class DasoConfig(Frozen):
     window: int = Field(100, ge=1, description="iterations per pseudo-label histogram window")
     warmup: int = Field(5000, ge=0, description="iterations with the linear pseudo-label only, no alignment loss")
     const_v: float | None = Field(None, ge=0, le=1, description="ablation: a constant blending weight v")
+    ema_bn: Literal["train", "batch", "eval"] = Field(
+        "batch",
+        description="BatchNorm of the EMA encoder's labeled forward that fills the queue: batch statistics "
+        "(batch; the reference's output), batch statistics that also move the EMA's running statistics (train; "
+        "the reference's side effect too), or the running statistics (eval)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DasoConfig:
@@ -224,13 +276,51 @@ class DasoConfig(Frozen):
 
 
 class DrwConfig(Frozen):
-    beta: float = Field(0.999, ge=0, lt=1, description="effective-number beta; 0 = no re-weighting")
-    start: int = Field(0, ge=0, description="iteration at which the dynamic unlabeled weights switch on")
-    count: Literal["window", "ema_pass"] = Field(
-        "window", description="pseudo-label counts from a running window of batches, or an EMA-model pass"
+    beta: float = Field(
+        0.999,
+        ge=0,
+        lt=1,
+        description="effective-number beta of the labeled weights, and of the unlabeled ones "
+        "unless beta_u is set; 0 = no re-weighting",
     )
-    window: int = Field(500, ge=1, description="batches in the running window (count=window)")
+    beta_u: float | None = Field(None, ge=0, lt=1, description="beta of the unlabeled weights; null = beta")
+    start: int | float = Field(
+        2 / 3,
+        ge=0,
+        description="when the dynamic unlabeled weights switch on: an iteration (integer) or a fraction of "
+        "train.iterations (a number with a point, in [0, 1]); the paper's 2/3 by default",
+    )
+    count: Literal["window", "ema_pass"] = Field(
+        "window",
+        description="pseudo numbers from the last batches' pseudo-labels (a window), or an EMA-model pass over "
+        "the unlabeled set",
+    )
+    window: int | Literal["auto"] = Field(
+        "auto", description="batches in the counting window (count=window); auto: |U| / (mu B), one pass over U"
+    )
     pass_every: int = Field(500, ge=1, description="iterations between EMA passes over the unlabeled set")
+    confident_only: bool = Field(
+        False, description="count only confident pseudo-labels (the paper counts every unlabeled sample's)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DrwConfig:
+        if isinstance(self.start, float) and self.start > 1:
+            raise ValueError(
+                f"start={self.start}: a number with a point is a fraction of train.iterations and must be in "
+                "[0, 1]; give an iteration as an integer"
+            )
+        if isinstance(self.window, int) and self.window < 1:
+            raise ValueError(f"window={self.window} must be >= 1 or 'auto'")
+        return self
+
+    def start_step(self, iterations: int) -> int:
+        """The iteration at which the dynamic weights switch on."""
+        return round(self.start * iterations) if isinstance(self.start, float) else self.start
+
+    def window_batches(self, unlabeled_size: int, unlabeled_batch: int) -> int:
+        """Batches in the counting window: `window`, or (auto) enough to hold |U| predictions."""
+        return self.window if isinstance(self.window, int) else max(1, math.ceil(unlabeled_size / unlabeled_batch))
 
 
 class LaConfig(Frozen):

@@ -3,9 +3,11 @@
     python -m trainables.grid --config FILE --presets fixmatch fixmatch_daso ... --seeds 0 1 2 --out DIR [--jobs 2]
                               [--set key=value ...]
 
-Each run is `python -m trainables.train --config FILE --set method.preset=P --set train.seed=S --set data.seed=S`
-into DIR/P/seedS (a finished run is skipped, an interrupted one resumed), one CPU thread each. The summary table
-(mean +- std over seeds) is printed and written to DIR/summary.md; see `trainables.report`.
+Each run is FILE with `method.preset=P`, `train.seed=S`, `data.seed=S` and the `--set` overrides, into DIR/P/seedS
+(a finished run is skipped, an interrupted one resumed), one CPU thread each. FILE's `method` section may hold the
+parameter blocks of several methods (`daso`, `drw`, `la`); each run keeps only the blocks its preset uses, as the
+service's sweeps do, and the resolved configuration is written to DIR/P/seedS/run.yaml and trained from there.
+The summary table (mean +- std over seeds) is printed and written to DIR/summary.md; see `trainables.report`.
 """
 
 from __future__ import annotations
@@ -17,25 +19,34 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
-from trainables.config import PRESETS, ConfigError, load_config, preset_uses
+import yaml
+
+from trainables.config import (
+    METHOD_BLOCKS,
+    PRESETS,
+    ConfigError,
+    RunConfig,
+    deep_merge,
+    parse_overrides,
+    preset_uses,
+    read_yaml,
+    validate,
+)
 from trainables.report import summarise
 
-# presets whose blocks need CPU-scale timing; applied only where the preset has the block
-PRESET_SETS = {
-    "daso": ["method.daso.warmup=300", "method.daso.window=50"],
-    "drw": ["method.drw.start=750", "method.drw.window=100"],
-}
 
-
-def preset_overrides(preset: str, extra: list[str]) -> list[str]:
-    out = [f"method.preset={preset}"]
-    if preset not in PRESETS:
-        return out  # validation reports the bad name with the valid ones
-    for block, sets in PRESET_SETS.items():
-        if preset_uses(preset, block):
-            out += [s for s in sets if not any(e.startswith(s.split("=")[0] + "=") for e in extra)]
-    return out
+def preset_config(raw: dict[str, Any], preset: str, sets: list[str]) -> dict[str, Any]:
+    """The raw configuration of one grid run: `raw` with `method.preset = preset` and the `--set` overrides,
+    keeping only the method blocks the preset uses (an unknown preset is left for validation to report)."""
+    merged = deep_merge(raw, parse_overrides([*sets, f"method.preset={preset}"]))
+    method = dict(merged.get("method") or {})
+    if preset in PRESETS:
+        for block in METHOD_BLOCKS:
+            if not preset_uses(preset, block):
+                method.pop(block, None)
+    return {**merged, "method": method}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,25 +61,28 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     jobs = []
     try:
-        for preset in args.presets:
-            sets = preset_overrides(preset, args.overrides) + args.overrides
-            for seed in args.seeds:
-                run_sets = [*sets, f"train.seed={seed}", f"data.seed={seed}"]
-                load_config(args.config, run_sets)  # validate every run before starting any
-                jobs.append((out / preset / f"seed{seed}", run_sets))
+        raw = read_yaml(args.config)
+        for seed in args.seeds:  # seed-major: an interrupted grid has every preset's first seeds
+            for preset in args.presets:
+                run_sets = [*args.overrides, f"train.seed={seed}", f"data.seed={seed}"]
+                run_raw = preset_config(raw, preset, run_sets)
+                source = f"{args.config} with preset {preset}, seed {seed}"
+                config = validate(RunConfig, run_raw, source)  # every run is validated before any starts
+                jobs.append((out / preset / f"seed{seed}", config))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
     def run(job):
-        run_dir, run_sets = job
+        run_dir, config = job
         if (run_dir / "artifacts").is_dir():
             return 0
-        cmd = [sys.executable, "-m", "trainables.train", "--config", args.config, "--out", str(run_dir)]
-        cmd += [a for s in run_sets for a in ("--set", s)]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run_file = run_dir / "run.yaml"
+        run_file.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        cmd = [sys.executable, "-m", "trainables.train", "--config", str(run_file), "--out", str(run_dir)]
         if (run_dir / "checkpoint").exists():
             cmd.append("--resume")
-        run_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
         with open(run_dir / "log.txt", "a") as log:
             rc = subprocess.call(cmd, stdout=log, stderr=log, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -37,7 +37,7 @@ from trainables.losses import fixmatch_mask, unlabeled_ce
 from trainables.methods import build_method
 from trainables.methods.base import Method, MethodContext
 from trainables.methods.la import log_prior
-from trainables.metrics import EvalHistory, class_groups, confusion_matrix, per_class_table
+from trainables.metrics import EvalHistory, class_groups, confusion_matrix, per_class, per_class_table
 from trainables.models import build_model
 
 Report = Callable[[dict[str, float], Path | None], None]
@@ -111,10 +111,11 @@ class Run:
         if rt.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = ModelEMA(self.model, t.ema_decay)
+        o = cfg.optim
         decay, no_decay = [], []
         for p in self.model.parameters():
-            (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on BN and biases, as in FixMatch
-        o = cfg.optim
+            # FixMatch: no weight decay on BN and biases; the DASO reference decays every parameter
+            (no_decay if p.ndim <= 1 and o.weight_decay_on == "weights" else decay).append(p)
         self.optimizer = torch.optim.SGD(
             [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=o.lr,
@@ -127,18 +128,26 @@ class Run:
         counts = data.labeled_counts
         self.groups = class_groups(counts)
         self.log_prior = log_prior(torch.as_tensor(counts))
+        side = data.labeled.images.shape[1]  # stored images are (N, H, W, 3); augmentation runs at this size
+        self.crop_pad = cfg.data.augment.pad_px(side)
+        self.cutout_px = cfg.data.augment.cutout_px(side, cfg.data.dataset)
         self.method: Method = build_method(
             cfg.method,
             MethodContext(
                 num_classes=data.num_classes,
-                labeled_counts=counts,
+                labeled_counts=torch.as_tensor(counts, dtype=torch.int64),
                 feature_dim=self.model.feature_dim,
                 device=rt.device,
                 dataset=cfg.data.dataset,
                 gamma_l=cfg.data.gamma_l,
                 gamma_u=cfg.data.gamma_u_resolved,
+                iterations=t.iterations,
+                unlabeled_size=len(self.ulb_store),
+                unlabeled_batch=t.batch_size * t.mu,
             ),
         )
+        daso_cfg = cfg.method.daso
+        self.ema_bn = daso_cfg.ema_bn if daso_cfg is not None else "batch"
         self.history = EvalHistory()
         self.step = 0  # iterations completed
 
@@ -164,10 +173,15 @@ class Run:
         idx_lb, idx_ulb = self.lb_stream.indices(step), self.ulb_stream.indices(step)
         x_lb_u8, x_ulb_u8 = self.lb_store.gather(idx_lb), self.ulb_store.gather(idx_ulb)
         y_lb = self.y_lb[idx_lb.to(self.rt.device)]
-        x_lb = self.prep(weak_augment(x_lb_u8, self.aug_gen))
-        x_ulb_w = self.prep(weak_augment(x_ulb_u8, self.aug_gen))
-        x_ulb_s = self.prep(strong_augment(x_ulb_u8, self.aug_gen))
+        x_lb = self.prep(weak_augment(x_lb_u8, self.aug_gen, self.crop_pad))
+        x_ulb_w = self.prep(weak_augment(x_ulb_u8, self.aug_gen, self.crop_pad))
+        x_ulb_s = self.prep(strong_augment(x_ulb_u8, self.aug_gen, cutout=self.cutout_px, pad=self.crop_pad))
         b, u = len(x_lb), len(x_ulb_w)
+
+        if method.pseudo_label.needs_ema_labeled_features:
+            # the reference's order: the labeled batch enters the queue (EMA encoder of the previous step)
+            # before this step's prototypes are read
+            method.pseudo_label.enqueue(self.ema_labeled_features(x_lb), y_lb)
 
         with self.rt.autocast():
             feats, logits = self.forward(torch.cat([x_lb, x_ulb_w, x_ulb_s]))
@@ -190,15 +204,37 @@ class Run:
         self.optimizer.step()
         self.ema.update(self.model)
 
-        feat_lb_ema = None
-        if method.pseudo_label.needs_ema_labeled_features:
-            with torch.no_grad(), self.rt.autocast():
-                feat_lb_ema = self.ema.module.encode(x_lb).float()
-        method.pseudo_label.observe(feat_lb_ema, y_lb, pseudo_label, step)
+        method.pseudo_label.observe(pseudo_label, step)
         method.unlabeled_weighting.observe(pseudo_label, mask, step)
         losses = {"loss": loss, "loss_x": loss_x, "loss_u": loss_u, **pl.logs}
         window.add(losses, idx_ulb, pseudo_label, mask, pl.diagnostics)
         self.step += 1
+
+    @torch.no_grad()
+    def ema_labeled_features(self, x_lb: Tensor) -> Tensor:
+        """The EMA encoder's features (B, D) of the weak labeled views, its BatchNorm as `daso.ema_bn` says.
+
+        "batch" and "train" normalise with the batch's statistics, as the reference's train-mode EMA model
+        does; "train" also lets the forward move the EMA's running statistics (the reference's side effect,
+        then averaged toward the online model's by the EMA update), "batch" leaves them untouched. "eval" uses
+        the running statistics.
+        """
+        ema = self.ema.module
+        if self.ema_bn == "eval":
+            with self.rt.autocast():
+                return ema.encode(x_lb).float()
+        norms = [m for m in ema.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        ema.train()
+        if self.ema_bn == "batch":
+            for m in norms:  # batch statistics, running statistics neither read nor written
+                m.track_running_stats = False
+        try:
+            with self.rt.autocast():
+                return ema.encode(x_lb).float()
+        finally:
+            for m in norms:
+                m.track_running_stats = True
+            ema.eval()
 
     # ---- evaluation -----------------------------------------------------------------------------------------
     def ema_logits(self, x: Tensor) -> Tensor:
@@ -364,7 +400,8 @@ def train(
         check_finite(run, metrics)  # before anything is written: no poisoned checkpoint, no NaN curves
         eval_metrics, logits = run.evaluate()
         metrics.update(eval_metrics)
-        metrics.update(run.method.metrics())
+        for prefix, values in run.method.metrics().items():
+            metrics.update(per_class(prefix, values))
         with open(metrics_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         saved = None

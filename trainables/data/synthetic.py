@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -185,8 +186,25 @@ def _fill_texture(rng, gen, fill: torch.Tensor, u: torch.Tensor, v: torch.Tensor
     return _by_group(fill, makers, u)
 
 
-def render(labels: np.ndarray, num_classes: int, image_size: int, seed: int | tuple[int, ...]) -> np.ndarray:
-    """Images of the given classes, a pure function of (labels, num_classes, image_size, seed).
+@dataclass(frozen=True)
+class Difficulty:
+    """The generator's difficulty knobs (SyntheticConfig's): object contrast and pixel noise scale their
+    default ranges; `faint_fill` is the weakest fill strength, the overlap between a striped tail class and its
+    solid head partner. The defaults are the original set."""
+
+    contrast: float = 1.0
+    noise: float = 1.0
+    faint_fill: float = 0.15
+
+
+def render(
+    labels: np.ndarray,
+    num_classes: int,
+    image_size: int,
+    seed: int | tuple[int, ...],
+    difficulty: Difficulty = Difficulty(),
+) -> np.ndarray:
+    """Images of the given classes, a pure function of (labels, num_classes, image_size, seed, difficulty).
 
     Rendered in chunks whose size depends on image_size only, each from its own child of SeedSequence(seed).
 
@@ -202,11 +220,13 @@ def render(labels: np.ndarray, num_classes: int, image_size: int, seed: int | tu
     for start, seq in zip(range(0, len(labels), chunk), seeds, strict=True):
         rng = np.random.default_rng(seq)
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        out[start : start + chunk] = _render_chunk(rng, gen, labels[start : start + chunk], num_classes, image_size)
+        out[start : start + chunk] = _render_chunk(
+            rng, gen, labels[start : start + chunk], num_classes, image_size, difficulty
+        )
     return out
 
 
-def _render_chunk(rng, gen, labels: np.ndarray, num_classes: int, size: int) -> np.ndarray:
+def _render_chunk(rng, gen, labels: np.ndarray, num_classes: int, size: int, difficulty: Difficulty) -> np.ndarray:
     n, px = len(labels), size / 32  # px: one pixel of the 32 px design, in this image's pixels
     shape_np, fill_np, bg_np = class_factors(labels, num_classes)
     style = torch.from_numpy(bg_np if bg_np is not None else rng.integers(len(BACKGROUNDS), size=n))
@@ -230,22 +250,31 @@ def _render_chunk(rng, gen, labels: np.ndarray, num_classes: int, size: int) -> 
         alpha = (0.5 - _shape_sdf(shape, u / radius, v / radius) * radius / px).clamp(0, 1) * (present > k)
         # object contrast 0.2-0.55 against the base colour, either polarity (solarize flips it anyway)
         sign = torch.from_numpy(rng.choice([-1.0, 1.0], size=n).astype(np.float32))
-        sign = torch.where(base_b + sign * 0.55 > 1, -1.0, torch.where(base_b + sign * 0.55 < 0, 1.0, sign))
-        colour = _rgb(rng, base_b + sign * _uniform(rng, 0.2, 0.55, (n,)), 0.3)  # (n, 3)
+        top = 0.55 * difficulty.contrast
+        sign = torch.where(base_b + sign * top > 1, -1.0, torch.where(base_b + sign * top < 0, 1.0, sign))
+        contrast = _uniform(rng, 0.2, 0.55, (n,))
+        if difficulty.contrast != 1.0:
+            contrast = contrast * difficulty.contrast
+        colour = _rgb(rng, base_b + sign * contrast, 0.3)  # (n, 3)
         texture = _fill_texture(rng, gen, fill, u, v, px)
         # the fill alternates between the object colour and a colour `amp` of the way back to the background:
         # faint fills (amp near 0.15) make some striped images look solid, the overlap between class pairs
-        amp = _uniform(rng, 0.15, 1.0, (n, 1, 1))
+        amp = _uniform(rng, difficulty.faint_fill, 1.0, (n, 1, 1))
         fill_rgb = colour[:, :, None, None] + (amp * texture)[:, None] * (base - colour)[:, :, None, None]
         img = torch.lerp(img, fill_rgb, alpha[:, None])
-    img = img + _uniform(rng, 0.02, 0.08, (n, 1, 1, 1)) * torch.randn(img.shape, generator=gen)
+    noise = _uniform(rng, 0.02, 0.08, (n, 1, 1, 1))
+    if difficulty.noise != 1.0:
+        noise = noise * difficulty.noise
+    img = img + noise * torch.randn(img.shape, generator=gen)
     return (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 @functools.lru_cache(maxsize=8)
-def normalisation(num_classes: int, image_size: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def normalisation(
+    num_classes: int, image_size: int, difficulty: Difficulty = Difficulty()
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std on [0, 1] of a fixed sample (STATS_SEED), independent of the data seed."""
-    sample = render(np.arange(STATS_SAMPLE) % num_classes, num_classes, image_size, STATS_SEED)
+    sample = render(np.arange(STATS_SAMPLE) % num_classes, num_classes, image_size, STATS_SEED, difficulty)
     total, total_sq = np.zeros(3), np.zeros(3)
     for part in np.array_split(sample, 16):  # float64 sums without a float64 copy of the whole sample
         x = part.reshape(-1, 3).astype(np.float64) / 255
@@ -267,16 +296,17 @@ def build_synthetic(cfg: DataConfig) -> SSLData:
     num_classes, pool = spec.num_classes, spec.pool_per_class
     val_per_class = cfg.val_per_class  # DataConfig has checked that val + n1 + m1 fits the pool
     labels = np.repeat(np.arange(num_classes), pool)
-    images = render(labels, num_classes, spec.image_size, (cfg.seed, 0))
+    difficulty = Difficulty(spec.contrast, spec.noise, spec.faint_fill)
+    images = render(labels, num_classes, spec.image_size, (cfg.seed, 0), difficulty)
     test_labels = np.repeat(np.arange(num_classes), spec.test_per_class)
     parts = split_pool(images, labels, num_classes, cfg, val_per_class)
-    mean, std = normalisation(num_classes, spec.image_size)
+    mean, std = normalisation(num_classes, spec.image_size, difficulty)
     return SSLData(
         labeled=parts["labeled"],
         unlabeled_images=parts["unlabeled"].images,
         unlabeled_truth=parts["unlabeled"].labels,
         val=parts["val"],
-        test=ImageSet(render(test_labels, num_classes, spec.image_size, (cfg.seed, 1)), test_labels),
+        test=ImageSet(render(test_labels, num_classes, spec.image_size, (cfg.seed, 1), difficulty), test_labels),
         num_classes=num_classes,
         mean=mean,
         std=std,

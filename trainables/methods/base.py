@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -22,12 +21,15 @@ class MethodContext:
     """Run-time facts a component may need at build time (never the unlabeled ground truth)."""
 
     num_classes: int
-    labeled_counts: np.ndarray  # int64 (C,)
+    labeled_counts: Tensor  # int64 (C,)
     feature_dim: int
     device: torch.device
     dataset: str
     gamma_l: float
     gamma_u: float | str
+    iterations: int  # training iterations K
+    unlabeled_size: int  # |U|
+    unlabeled_batch: int  # mu * B
 
 
 @dataclass
@@ -41,18 +43,24 @@ class PseudoLabelOutput:
 
 
 class PseudoLabelTransform(Protocol):
-    #: whether `observe` needs the EMA encoder's features of the weak labeled views (costs one extra forward)
+    """Called per step as `enqueue` (before the pseudo-label), `__call__`, then `observe` (after the step)."""
+
+    #: whether `enqueue` needs the EMA encoder's features of the weak labeled views (costs one extra forward)
     needs_ema_labeled_features: bool
+
+    def enqueue(self, feat_lb_ema: Tensor | None, y_lb: Tensor) -> None:
+        """Before this step's pseudo-labels: the labeled batch's EMA features (B, D) with labels (B,)."""
 
     def __call__(self, probs_w: Tensor, feat_w: Tensor, feat_s: Tensor, step: int) -> PseudoLabelOutput:
         """probs_w (U, C) linear pseudo-label (no grad); feat_w (U, D) weak-view features (no grad); feat_s (U, D)
         strong-view features (with grad, for losses on the strong view)."""
 
-    def observe(self, feat_lb_ema: Tensor | None, y_lb: Tensor, pseudo_label: Tensor, step: int) -> None:
-        """After the optimiser step: labeled EMA features (B, D) with labels (B,), and the final hard
-        pseudo-labels (U,) of every unlabeled sample of the batch (confident or not)."""
+    def observe(self, pseudo_label: Tensor, step: int) -> None:
+        """After the optimiser step: the final hard pseudo-labels (U,) of every unlabeled sample of the batch
+        (confident or not)."""
 
-    def metrics(self) -> dict[str, float]: ...
+    def metrics(self) -> dict[str, Tensor]:
+        """Per-class vectors (C,) by metric prefix; the loop logs them as `<prefix>/cNN`."""
 
     def state_dict(self) -> dict: ...
 
@@ -77,7 +85,7 @@ class UnlabeledWeighting(Protocol):
     def observe_pass(self, pseudo_label: Tensor, mask: Tensor, step: int) -> None:
         """Pseudo-labels and mask of the EMA model over the whole unlabeled set."""
 
-    def metrics(self) -> dict[str, float]: ...
+    def metrics(self) -> dict[str, Tensor]: ...
 
     def state_dict(self) -> dict: ...
 
@@ -85,7 +93,7 @@ class UnlabeledWeighting(Protocol):
 
 
 class Stateless:
-    def metrics(self) -> dict[str, float]:
+    def metrics(self) -> dict[str, Tensor]:
         return {}
 
     def state_dict(self) -> dict:
@@ -104,7 +112,10 @@ class LinearPseudoLabel(Stateless):
     def __call__(self, probs_w: Tensor, feat_w: Tensor, feat_s: Tensor, step: int) -> PseudoLabelOutput:
         return PseudoLabelOutput(probs=probs_w, loss=probs_w.new_zeros(()))
 
-    def observe(self, feat_lb_ema: Tensor | None, y_lb: Tensor, pseudo_label: Tensor, step: int) -> None:
+    def enqueue(self, feat_lb_ema: Tensor | None, y_lb: Tensor) -> None:
+        pass
+
+    def observe(self, pseudo_label: Tensor, step: int) -> None:
         pass
 
 
@@ -133,7 +144,7 @@ class Method:
     labeled_loss: LabeledLoss
     unlabeled_weighting: UnlabeledWeighting
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self) -> dict[str, Tensor]:
         return {**self.pseudo_label.metrics(), **self.unlabeled_weighting.metrics()}
 
     def state_dict(self) -> dict:

@@ -15,10 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from trainables.config import DasoConfig
 from trainables.losses import soft_ce
-from trainables.methods.base import MethodContext, PseudoLabelOutput
-from trainables.metrics import per_class
+from trainables.methods.base import PseudoLabelOutput
 
 # ------------------------------------------------------------------------------------------------------------
 # Pure functions
@@ -83,9 +81,7 @@ def daso_blend(p: Tensor, q: Tensor, v: Tensor) -> Tensor:
     return (1 - w) * p + w * q
 
 
-def semantic_alignment_loss(
-    q_w: Tensor, feat_s: Tensor, protos: Tensor, has_proto: Tensor, t_proto: float
-) -> Tensor:
+def semantic_alignment_loss(q_w: Tensor, feat_s: Tensor, protos: Tensor, has_proto: Tensor, t_proto: float) -> Tensor:
     """L_align = (1 / U) sum_i CE(q_w_i, softmax(cos(z_s_i, C) / T_proto)) (DASO eq. 7).
 
     The target q_w (weak view's semantic pseudo-label) and the prototypes are constants: the gradient reaches
@@ -137,8 +133,11 @@ def resolve_t_dist(t_dist: float | str, dataset: str, gamma_l: float, gamma_u: f
 class DasoPseudoLabel:
     """DASO as a pseudo-label transform: p -> p' plus lambda_align * L_align.
 
+    A step runs `enqueue`, then `__call__`, then (after the optimiser step) `observe`, the reference's order:
+    the labeled batch's features are in the queue before this step's prototypes are read.
+
     State (all on the training device, all saved with the run):
-    - a balanced feature queue, L slots per class, filled in `observe` from the EMA encoder's features of the
+    - a balanced feature queue, L slots per class, filled in `enqueue` from the EMA encoder's features of the
       weak labeled views (raw features, as the reference);
     - the histogram of the final hard pseudo-labels argmax p' of EVERY unlabeled sample (confident or not)
       over the current window of `window` iterations, and the histogram of the last closed window, which sets
@@ -177,21 +176,6 @@ class DasoPseudoLabel:
         self.closed_hist = torch.zeros(num_classes, dtype=torch.long, device=self.device)
         self.v = self._blend_weights()
 
-    @classmethod
-    def from_config(cls, cfg: DasoConfig, ctx: MethodContext) -> DasoPseudoLabel:
-        return cls(
-            ctx.num_classes,
-            ctx.feature_dim,
-            ctx.device,
-            t_proto=cfg.t_proto,
-            t_dist=resolve_t_dist(cfg.t_dist, ctx.dataset, ctx.gamma_l, ctx.gamma_u),
-            lambda_align=cfg.lambda_align,
-            queue_len=cfg.queue_len,
-            window=cfg.window,
-            warmup=cfg.warmup,
-            const_v=cfg.const_v,
-        )
-
     @property
     def queue(self) -> Tensor:
         """(C, L, D) view of the queue slots."""
@@ -219,16 +203,17 @@ class DasoPseudoLabel:
             return PseudoLabelOutput(probs, loss, diagnostics, logs={"loss_align": loss_align.detach()})
         return PseudoLabelOutput(probs=probs, loss=loss, diagnostics=diagnostics)
 
-    def observe(self, feat_lb_ema: Tensor | None, y_lb: Tensor, pseudo_label: Tensor, step: int) -> None:
+    def enqueue(self, feat_lb_ema: Tensor | None, y_lb: Tensor) -> None:
+        """Push the labeled batch's EMA features (B, D) with labels (B,) into the per-class queue."""
         if feat_lb_ema is None:
-            raise ValueError(
-                "DASO needs the EMA encoder's labeled features (needs_ema_labeled_features is True)"
-            )
+            raise ValueError("DASO needs the EMA encoder's labeled features (needs_ema_labeled_features is True)")
         flat, counts = queue_slots(y_lb, self.queue_ptr, self.queue_len, self.num_classes)
         self._slots.index_copy_(0, flat, feat_lb_ema.detach().to(self._slots.dtype))
         self.queue_ptr = (self.queue_ptr + counts) % self.queue_len
         self.queue_fill = (self.queue_fill + counts).clamp_max(self.queue_len)
 
+    def observe(self, pseudo_label: Tensor, step: int) -> None:
+        """Count the step's final hard pseudo-labels (U,) into the window histogram; close it when full."""
         self.window_hist.scatter_add_(0, pseudo_label, torch.ones_like(pseudo_label))
         self.window_iters += 1
         if self.window_iters == self.window:
@@ -237,9 +222,9 @@ class DasoPseudoLabel:
             self.window_iters = 0
             self.v = self._blend_weights()
 
-    def metrics(self) -> dict[str, float]:
-        """The blending weights v in use (daso/v/cNN)."""
-        return per_class("daso/v", self.v)
+    def metrics(self) -> dict[str, Tensor]:
+        """The blending weights v in use, (C,) (logged as daso/v/cNN)."""
+        return {"daso/v": self.v}
 
     def state_dict(self) -> dict:
         return {

@@ -10,10 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from trainables.config import DrwConfig
 from trainables.losses import labeled_ce
-from trainables.methods.base import MethodContext, Stateless
-from trainables.metrics import per_class
+from trainables.methods.base import Stateless
 
 
 def effective_number_weights(counts: Tensor, beta: float) -> Tensor:
@@ -33,8 +31,9 @@ def effective_number_weights(counts: Tensor, beta: float) -> Tensor:
     return (raw * (len(n) / raw.sum())).float()
 
 
-def confident_counts(pseudo_label: Tensor, mask: Tensor, num_classes: int) -> Tensor:
-    """Nhat_c = sum_i mask_i 1[yhat_i = c]: how many confident samples are pseudo-labelled c.
+def pseudo_label_counts(pseudo_label: Tensor, mask: Tensor, num_classes: int) -> Tensor:
+    """Nhat_c = sum_i mask_i 1[yhat_i = c]: how many samples are pseudo-labelled c, counting those with
+    mask_i = 1 (all ones: every sample, the paper's pseudo number; the FixMatch mask: confident ones only).
 
     Shape: pseudo_label (U,) int64, mask (U,) 0/1 float -> (C,) int64.
     """
@@ -48,24 +47,22 @@ class ClassBalancedCE(Stateless):
     def __init__(self, labeled_counts: Tensor, beta: float) -> None:
         self.weights = effective_number_weights(labeled_counts, beta)
 
-    @classmethod
-    def from_config(cls, cfg: DrwConfig, ctx: MethodContext) -> ClassBalancedCE:
-        return cls(torch.as_tensor(ctx.labeled_counts, device=ctx.device), cfg.beta)
-
     def __call__(self, logits_lb: Tensor, y_lb: Tensor) -> Tensor:
         return labeled_ce(logits_lb, y_lb, self.weights)
 
 
 class DynamicReweighting:
-    """Unlabeled class weights from the current pseudo-label counts (DRw eq. 8/10).
+    """Unlabeled class weights from the current pseudo number of each class (DRw eq. 8/10).
 
-    Counted are the CONFIDENT pseudo-labels (mask = 1): those are the samples the unlabeled loss trains on, so
-    their class counts are the imbalance the loss sees. Two ways to count:
-    - "window": the confident counts of the last `window` training batches (a ring buffer; fewer batches
-      until it is full);
-    - "ema_pass": the confident counts of the EMA model over the whole unlabeled set, from a pass the loop
-      runs before step `start` and every `pass_every` steps after.
-    From step `start` on, each masked sample's CE is multiplied by the weight of its pseudo-label,
+    The pseudo number Nhat_c is how many unlabeled samples are pseudo-labelled c, on the scale of the
+    unlabeled set (the paper's counts sum to |U|); the effective number saturates at 1 / (1 - beta), so counts
+    inflated past |U| flatten the weights and change what beta means. Two ways to count:
+    - "window": the pseudo-labels of the last `window` training batches (a ring buffer; fewer batches until
+      it is full). The factory sizes the window to hold |U| predictions, one pass over the unlabeled set;
+    - "ema_pass": the EMA model's pseudo-labels of the whole unlabeled set, from a pass the loop runs before
+      step `start` and every `pass_every` steps after.
+    Every pseudo-label counts (the paper's definition), or with `confident_only` only those the FixMatch mask
+    keeps. From step `start` on, each masked sample's CE is multiplied by the weight of its pseudo-label,
     effective_number_weights(counts, beta); before, the unlabeled loss is unweighted. In "window" mode
     counting starts at step 0, so the window is full when the weights switch on (if start >= window).
     """
@@ -80,32 +77,27 @@ class DynamicReweighting:
         count: str = "window",
         window: int = 500,
         pass_every: int = 500,
+        confident_only: bool = False,
     ) -> None:
         if count not in ("window", "ema_pass"):
             raise ValueError(f"count={count!r}: expected 'window' or 'ema_pass'")
         self.num_classes, self.beta, self.start = num_classes, beta, start
         self.count, self.window, self.pass_every = count, window, pass_every
+        self.confident_only = confident_only
         self.device = torch.device(device)
         rows = window if count == "window" else 0
         self.ring = torch.zeros(rows, num_classes, dtype=torch.long, device=self.device)  # (window, C)
         self.ring_pos = 0  # next row of the ring to overwrite
         self.pass_counts = torch.zeros(num_classes, dtype=torch.long, device=self.device)
 
-    @classmethod
-    def from_config(cls, cfg: DrwConfig, ctx: MethodContext) -> DynamicReweighting:
-        return cls(
-            ctx.num_classes,
-            ctx.device,
-            beta=cfg.beta,
-            start=cfg.start,
-            count=cfg.count,
-            window=cfg.window,
-            pass_every=cfg.pass_every,
-        )
-
     def counts(self) -> Tensor:
-        """(C,) confident pseudo-label counts the weights come from."""
+        """(C,) pseudo-label counts the weights come from."""
         return self.ring.sum(dim=0) if self.count == "window" else self.pass_counts
+
+    def _counted(self, pseudo_label: Tensor, mask: Tensor) -> Tensor:
+        return pseudo_label_counts(
+            pseudo_label, mask if self.confident_only else torch.ones_like(mask), self.num_classes
+        )
 
     def class_weights(self, step: int) -> Tensor | None:
         if step < self.start:
@@ -115,22 +107,19 @@ class DynamicReweighting:
     def observe(self, pseudo_label: Tensor, mask: Tensor, step: int) -> None:
         if self.count != "window":
             return
-        self.ring[self.ring_pos] = confident_counts(pseudo_label, mask, self.num_classes)
+        self.ring[self.ring_pos] = self._counted(pseudo_label, mask)
         self.ring_pos = (self.ring_pos + 1) % self.window
 
     def wants_pass(self, step: int) -> bool:
         return self.count == "ema_pass" and step >= self.start and (step - self.start) % self.pass_every == 0
 
     def observe_pass(self, pseudo_label: Tensor, mask: Tensor, step: int) -> None:
-        self.pass_counts = confident_counts(pseudo_label, mask, self.num_classes)
+        self.pass_counts = self._counted(pseudo_label, mask)
 
-    def metrics(self) -> dict[str, float]:
-        """The weights the current counts give (drw/w_u/cNN; applied from step `start` on) and the counts."""
+    def metrics(self) -> dict[str, Tensor]:
+        """The weights the current counts give (drw/w_u; applied from step `start` on) and the counts, (C,)."""
         counts = self.counts()
-        return {
-            **per_class("drw/w_u", effective_number_weights(counts, self.beta)),
-            **per_class("drw/count", counts),
-        }
+        return {"drw/w_u": effective_number_weights(counts, self.beta), "drw/count": counts}
 
     def state_dict(self) -> dict:
         return {"ring": self.ring.clone(), "ring_pos": self.ring_pos, "pass_counts": self.pass_counts.clone()}

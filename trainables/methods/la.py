@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from trainables.config import LaConfig
 from trainables.losses import labeled_ce
-from trainables.methods.base import MethodContext, Stateless
+from trainables.methods.base import Stateless
 
 
 def log_prior(counts: Tensor) -> Tensor:
@@ -49,10 +48,6 @@ class LogitAdjustedCE(Stateless):
     def __init__(self, labeled_counts: Tensor, tau: float) -> None:
         self.log_prior = log_prior(labeled_counts)
         self.tau = tau
-
-    @classmethod
-    def from_config(cls, cfg: LaConfig, ctx: MethodContext) -> LogitAdjustedCE:
-        return cls(torch.as_tensor(ctx.labeled_counts, device=ctx.device), cfg.tau)
 
     def __call__(self, logits_lb: Tensor, y_lb: Tensor) -> Tensor:
         return logit_adjusted_ce(logits_lb, y_lb, self.log_prior, self.tau)

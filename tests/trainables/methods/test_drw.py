@@ -7,8 +7,8 @@ import torch
 from trainables.methods.drw import (
     ClassBalancedCE,
     DynamicReweighting,
-    confident_counts,
     effective_number_weights,
+    pseudo_label_counts,
 )
 
 CPU = torch.device("cpu")
@@ -58,10 +58,52 @@ def test_beta_outside_unit_interval_is_an_error(beta):
         effective_number_weights(torch.tensor([1, 2]), beta)
 
 
-def test_confident_counts_count_masked_samples_only():
+def test_pseudo_label_counts_count_masked_samples_only():
     """pseudo-labels (0, 2, 2, 1, 2), mask (1, 1, 0, 0, 1) -> class 0: 1, class 1: 0 (masked), class 2: 2."""
-    counts = confident_counts(torch.tensor([0, 2, 2, 1, 2]), torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0]), 3)
+    counts = pseudo_label_counts(torch.tensor([0, 2, 2, 1, 2]), torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0]), 3)
     assert counts.tolist() == [1, 0, 2]
+
+
+def test_every_pseudo_label_counts_by_default():
+    """The paper's pseudo number ignores the confidence mask: pl (0, 0, 1) with mask (1, 0, 0) counts (2, 1, 0);
+    confident_only counts (1, 0, 0)."""
+    pl, mask = torch.tensor([0, 0, 1]), torch.tensor([1.0, 0.0, 0.0])
+    for confident_only, expected in ((False, [2, 1, 0]), (True, [1, 0, 0])):
+        for count in ("window", "ema_pass"):
+            drw = DynamicReweighting(3, CPU, count=count, window=2, confident_only=confident_only)
+            drw.observe(pl, mask, 0)
+            drw.observe_pass(pl, mask, 0)
+            assert drw.counts().tolist() == expected, (count, confident_only)
+
+
+CIFAR10_LT_U = [3000, 1798, 1078, 646, 387, 232, 139, 83, 50, 30]  # int(3000 * 100 ** (-c / 9)), |U| = 7443
+
+
+def test_cifar10_lt_pseudo_numbers_give_the_papers_weight_ratio():
+    """beta 0.995 on the CIFAR-10-LT unlabeled profile (M1 = 3000, gamma = 100, |U| = 7443).
+
+    Counted over one pass over U (the window the factory sizes from |U| and mu * B = 128: ceil(7443 / 128) = 59
+    batches), a pseudo-labeller that gets every label right reproduces the counts, and
+    w_tail / w_head = (1 - 0.995^3000) / (1 - 0.995^30) = 0.99999... / 0.13962 = 7.16. The former window of 500
+    batches x 128 (64,000 predictions, 8.6 |U|) with the same profile gives 1.38: the weights flatten.
+    """
+    from trainables.config import DrwConfig
+
+    labels = torch.repeat_interleave(torch.arange(10), torch.tensor(CIFAR10_LT_U))
+    assert len(labels) == 7443
+    window = DrwConfig().window_batches(len(labels), 128)
+    assert window == 59
+    drw = DynamicReweighting(10, CPU, beta=0.995, count="window", window=window)
+    order = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]
+    for step, batch in enumerate(order.split(128)):  # one epoch of U in batches of mu * B
+        drw.observe(batch, torch.zeros(len(batch)), step)  # unconfident: still counted
+    assert drw.counts().tolist() == CIFAR10_LT_U
+    w = drw.class_weights(10**9)
+    ratio = float(w.max() / w.min())
+    assert ratio == pytest.approx((1 - 0.995**3000) / (1 - 0.995**30), rel=1e-6)
+    assert 7.1 < ratio < 7.2
+    inflated = effective_number_weights(torch.tensor(CIFAR10_LT_U) * 64000 / 7443, 0.995)
+    assert float(inflated.max() / inflated.min()) == pytest.approx(1.378, abs=0.001)
 
 
 def test_class_balanced_ce_weights_each_sample_by_its_label():
@@ -84,7 +126,7 @@ def test_window_counts_and_start():
     weights at step 3 from clamped counts (1, 1, 4): raw (1, 1, 0.5 / (1 - 1/16) = 8/15), sum 38/15,
     w = raw * 3 / (38/15) = (45/38, 45/38, 12/19). Before step 3: None (unweighted).
     """
-    drw = DynamicReweighting(3, CPU, beta=0.5, start=3, count="window", window=2)
+    drw = DynamicReweighting(3, CPU, beta=0.5, start=3, count="window", window=2, confident_only=True)
     drw.observe(torch.tensor([0, 0, 1]), torch.tensor([1.0, 1.0, 0.0]), 0)
     drw.observe(torch.tensor([1, 1, 2]), torch.tensor([1.0, 0.0, 1.0]), 1)
     assert drw.counts().tolist() == [2, 1, 1]
@@ -94,13 +136,13 @@ def test_window_counts_and_start():
     torch.testing.assert_close(drw.class_weights(3), torch.tensor([45 / 38, 45 / 38, 12 / 19]))
     assert not drw.wants_pass(3)
     metrics = drw.metrics()
-    assert metrics["drw/w_u/c02"] == pytest.approx(12 / 19) and metrics["drw/count/c02"] == 4.0
+    assert float(metrics["drw/w_u"][2]) == pytest.approx(12 / 19) and int(metrics["drw/count"][2]) == 4
 
 
 def test_ema_pass_schedule_and_counts_replace():
     """start = 10, pass_every = 5: passes before steps 10, 15, 20, ...; training batches are not counted,
     and each pass replaces the previous counts."""
-    drw = DynamicReweighting(3, CPU, beta=0.5, start=10, count="ema_pass", pass_every=5)
+    drw = DynamicReweighting(3, CPU, beta=0.5, start=10, count="ema_pass", pass_every=5, confident_only=True)
     assert [s for s in range(22) if drw.wants_pass(s)] == [10, 15, 20]
     drw.observe(torch.tensor([0, 0]), torch.ones(2), 0)
     assert drw.counts().tolist() == [0, 0, 0]
