@@ -224,7 +224,9 @@ def check(plan: Plan) -> list[str]:
     if problems:
         return problems  # parameters and the scheduler are checked against a valid base
     used_blocks = {b for b, presets in block_presets().items() if set(presets) & set(plan.presets)}
-    for block in sorted(set(plan.base.get("method", {})) & set(block_presets()) - used_blocks):
+    # blocks the space file itself sets; a base_file (a run configuration shared with other sweeps and the grid)
+    # may carry blocks for presets this sweep leaves out
+    for block in sorted(set(plan.spec.base.get("method", {})) & set(block_presets()) - used_blocks):
         owners = ", ".join(sorted(block_presets()[block]))
         presets = ", ".join(plan.presets)
         problems.append(f"base.method.{block}: no preset of this sweep ({presets}) uses it; presets that do: {owners}")

@@ -1,11 +1,14 @@
-"""Summarise a grid of runs (DIR/<preset>/seed<S>/metrics.jsonl) as a mean +- std table over seeds.
+"""Summarise a grid of runs (DIR/<preset>/seed<S>/metrics.jsonl) as a mean +- std table over seeds, and read the
+papers' claims off it.
 
-    python -m trainables.report DIR
+    python -m trainables.report DIR [--claims]
 
-Only finished runs (with artifacts/) count. Test metrics are the final evaluation's. Pseudo-label metrics are the
-mean over the evaluation windows of the second half of training (one window alone is too noisy). `pl/` is the
-confident pseudo-label that trains; `pl_linear/` and `pl_semantic/` are DASO's two sources over all unlabeled
-samples of the window.
+Only finished runs (with artifacts/) count. Test metrics and the mask ratio are the final evaluation's. Pseudo-label
+metrics are the mean over the evaluation windows of the second half of training (one window alone is too noisy).
+`pl/` is the confident pseudo-label that trains; `pl_linear/` and `pl_semantic/` are DASO's two sources over all
+unlabeled samples of the window. "min class PL" is the fewest confident pseudo-labels any class got in the final
+window. `--claims` adds, for each claim of the papers, the paired comparisons it rests on: per seed (same data,
+same initialisation) the difference with minus without the method, then its mean +- std over seeds.
 """
 
 from __future__ import annotations
@@ -19,23 +22,99 @@ COLUMNS = [
     ("test/balanced_acc", "final", "test bACC"),
     ("test/recall_head", "final", "test head rec."),
     ("test/recall_tail", "final", "test tail rec."),
+    ("train/mask_ratio", "final", "mask ratio"),
+    ("pl/min_count", "final", "min class PL"),
+    ("pl/recall_head", "late", "PL head rec."),
     ("pl/recall_tail", "late", "PL tail rec."),
     ("pl/precision_tail", "late", "PL tail prec."),
+    ("pl_linear/recall_head", "late", "linear PL head rec."),
     ("pl_linear/recall_tail", "late", "linear PL tail rec."),
+    ("pl_semantic/recall_head", "late", "semantic PL head rec."),
     ("pl_semantic/recall_tail", "late", "semantic PL tail rec."),
+]
+COUNTS = {"pl/min_count"}  # printed as counts, not percentages
+
+# (claim, metric, [(without, with), ...]): each pair compared seed by seed
+CLAIMS = [
+    (
+        "DASO raises tail pseudo-label recall",
+        "pl/recall_tail",
+        [("fixmatch", "fixmatch_daso"), ("fixmatch_la", "fixmatch_la_daso")],
+    ),
+    (
+        "... at equal tail pseudo-label precision",
+        "pl/precision_tail",
+        [("fixmatch", "fixmatch_daso"), ("fixmatch_la", "fixmatch_la_daso")],
+    ),
+    (
+        "... and raises balanced accuracy",
+        "test/balanced_acc",
+        [("fixmatch", "fixmatch_daso"), ("fixmatch_la", "fixmatch_la_daso")],
+    ),
+    (
+        "DRw raises balanced accuracy",
+        "test/balanced_acc",
+        [("fixmatch", "fixmatch_drw"), ("fixmatch_la", "fixmatch_la_drw"), ("fixmatch_daso", "fixmatch_daso_drw")],
+    ),
+    (
+        "LA raises balanced accuracy",
+        "test/balanced_acc",
+        [("fixmatch", "fixmatch_la"), ("fixmatch_daso", "fixmatch_la_daso"), ("fixmatch_drw", "fixmatch_la_drw")],
+    ),
 ]
 
 
 def run_values(path: Path) -> dict[str, float]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+    last = dict(rows[-1])
+    counts = [v for k, v in last.items() if k.startswith("pl/count/")]
+    if counts:
+        last["pl/min_count"] = min(counts)
     late = rows[len(rows) // 2 :]
     out = {}
     for key, when, _ in COLUMNS:
-        if when == "final" and key in rows[-1]:
-            out[key] = rows[-1][key]
+        if when == "final" and key in last:
+            out[key] = last[key]
         elif when == "late" and all(key in r for r in late):
             out[key] = statistics.fmean(r[key] for r in late)
     return out
+
+
+def grid_values(root: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """preset -> seed directory name -> values, finished runs only."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for preset_dir in sorted(p for p in Path(root).iterdir() if p.is_dir()):
+        for m in sorted(preset_dir.glob("seed*/metrics.jsonl")):
+            if (m.parent / "artifacts").is_dir():
+                out.setdefault(preset_dir.name, {})[m.parent.name] = run_values(m)
+    return out
+
+
+def mean_std(vals: list[float]) -> str:
+    std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{statistics.fmean(vals):.1f} +- {std:.1f}"
+
+
+def claims(root: Path) -> str:
+    """One row per (claim, pair): both presets' mean +- std and the paired per-seed difference (points of %)."""
+    grid = grid_values(root)
+    lines = [
+        "| claim | metric | without | with | without (%) | with (%) | with - without, paired (points) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for claim, key, pairs in CLAIMS:
+        for without, with_ in pairs:
+            seeds = sorted(set(grid.get(without, {})) & set(grid.get(with_, {})))
+            seeds = [s for s in seeds if key in grid[without][s] and key in grid[with_][s]]
+            if not seeds:
+                continue
+            a = [100 * grid[without][s][key] for s in seeds]
+            b = [100 * grid[with_][s][key] for s in seeds]
+            diff = [y - x for x, y in zip(a, b, strict=True)]
+            lines.append(
+                f"| {claim} | {key} | {without} | {with_} | {mean_std(a)} | {mean_std(b)} | {mean_std(diff)} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def summarise(root: Path) -> str:
@@ -48,15 +127,28 @@ def summarise(root: Path) -> str:
             continue
         cells = []
         for key, _, _ in COLUMNS:
-            vals = [100 * r[key] for r in runs if key in r]
+            vals = [(1 if key in COUNTS else 100) * r[key] for r in runs if key in r]
             if not vals:
                 cells.append("-")
+            elif key in COUNTS:
+                cells.append(f"{min(vals):.0f}")  # the fewest over seeds
             else:
-                std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-                cells.append(f"{statistics.fmean(vals):.1f} +- {std:.1f}")
+                cells.append(mean_std(vals))
         lines.append(f"| {preset_dir.name} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    paths = [a for a in args if a != "--claims"]
+    if len(paths) != 1:
+        print("usage: python -m trainables.report DIR [--claims]", file=sys.stderr)
+        return 2
+    print(summarise(Path(paths[0])))
+    if "--claims" in args:
+        print(claims(Path(paths[0])))
+    return 0
+
+
 if __name__ == "__main__":
-    print(summarise(Path(sys.argv[1])))
+    sys.exit(main())

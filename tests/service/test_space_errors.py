@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from service.plan import load_plan
+from service.sampling import sample_configs
 from trainables.config import ConfigError, deep_merge
 
 BASE = """
@@ -323,6 +324,25 @@ def test_base_file_is_merged_under_base(write_space, tmp_path):
     plan = load_plan(path, launch_dir=tmp_path)
     base = plan.base_config()
     assert (base.train.iterations, base.model.depth, base.model.widen) == (100, 10, 1)
+
+
+def test_base_file_blocks_of_other_presets_reach_only_their_presets(write_space, tmp_path):
+    """A base file shared with the grid may hold every method's block; a sweep without DASO takes it as it is,
+    and its trials get only their own preset's blocks."""
+    (tmp_path / "run.yaml").write_text(
+        "train: {iterations: 100, eval_every: 10, device: cpu}\n"
+        "method: {preset: fixmatch_daso_drw, daso: {warmup: 5}, drw: {start: 50}}\n"
+    )
+    path = write_space(
+        "experiment: x\nbase_file: run.yaml\nspace:\n"
+        "  method.preset: {type: categorical, values: [fixmatch, fixmatch_drw]}\n"
+    )
+    plan = load_plan(path, launch_dir=tmp_path)
+    assert plan.presets == ("fixmatch", "fixmatch_drw")
+    for config in sample_configs(plan, 4):
+        assert "daso" not in config["method"] or config["method"]["daso"] is None
+        if config["method"]["preset"] == "fixmatch_drw":
+            assert config["method"]["drw"]["start"] == 50
 
 
 def test_missing_base_file_is_reported(write_space, tmp_path):
