@@ -30,7 +30,7 @@ from trainables.augment import normalize, resize, strong_augment, weak_augment
 from trainables.batches import ImageStore, IndexStream
 from trainables.config import OptimConfig, RunConfig
 from trainables.data import build_data, describe_counts, split_counts
-from trainables.data.base import SSLData
+from trainables.data.base import SSLData, image_side
 from trainables.ema import ModelEMA
 from trainables.evaluate import Window, predict_logits, split_metrics
 from trainables.losses import fixmatch_mask, unlabeled_ce
@@ -128,7 +128,7 @@ class Run:
         counts = data.labeled_counts
         self.groups = class_groups(counts)
         self.log_prior = log_prior(torch.as_tensor(counts))
-        side = data.labeled.images.shape[1]  # stored images are (N, H, W, 3); augmentation runs at this size
+        side = image_side(data.labeled.images)
         self.crop_pad = cfg.data.augment.pad_px(side)
         self.cutout_px = cfg.data.augment.cutout_px(side, cfg.data.dataset)
         self.method: Method = build_method(

@@ -64,6 +64,21 @@ def test_stl10_run_cuts_16_px_at_96(tmp_path, monkeypatch):
     assert seen == {"size": 96, "cutout": 16, "pad": 12}
 
 
+def test_image_folder_run_sizes_follow_its_image_size(tmp_path):
+    """Image-folder images are decoded on demand at `imagefolder.image_size`; the sizes follow it (48 px: pad 6,
+    Cutout 24) and a step runs."""
+    from tests.trainables.data.test_registry import _imagefolder
+
+    raw = _imagefolder(tmp_path).model_dump()
+    raw["imagefolder"]["image_size"] = 48
+    cfg = tiny_config("model.arch=resnet18", "train.batch_size=2", "train.mu=1")
+    cfg = cfg.model_copy(update={"data": type(cfg.data).model_validate(raw)})
+    run = Run(cfg, build_data(cfg.data), resolve_runtime(cfg))
+    assert (run.crop_pad, run.cutout_px) == (6, 24)
+    run.train_step(Window())
+    assert run.step == 1
+
+
 @pytest.mark.parametrize(("where", "decayed_1d"), [("weights", False), ("all", True)])
 def test_weight_decay_groups(where, decayed_1d):
     """FixMatch decays conv and linear weights only; the DASO reference decays every parameter."""

@@ -38,6 +38,11 @@ class FileImages:
 Images = np.ndarray | FileImages  # ndarray: uint8 (N, H, W, 3)
 
 
+def image_side(images: Images) -> int:
+    """The side of the stored (square) images: the size augmentation runs at, before any resize for the model."""
+    return images.size if isinstance(images, FileImages) else int(images.shape[1])
+
+
 @dataclass(frozen=True)
 class ImageSet:
     images: Images
