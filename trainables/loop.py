@@ -4,8 +4,10 @@
 It knows nothing of Ray, Optuna or MLflow. Methods (DASO, DRw, logit adjustment) enter only through the three
 components of `trainables.methods.base.Method`; the loop never asks which method runs.
 
-One step: a single forward over [x_lb, x_ulb_w, x_ulb_s] (so BatchNorm sees all three), the pseudo-label from the
-weak view, L = L_s + lambda_u * L_u (+ the method's extra loss), SGD with Nesterov, EMA update. Evaluation uses the
+One step: the EMA encoder's features of the labeled weak views when the method asks for them (DASO's queue, filled
+before its prototypes are read, as in the reference), a single forward over [x_lb, x_ulb_w, x_ulb_s] (so BatchNorm
+sees all three), the pseudo-label from the weak view, L = L_s + lambda_u * L_u (+ the method's extra loss), SGD with
+Nesterov, EMA update, then the method observes the step's pseudo-labels. Evaluation uses the
 EMA model. Everything that affects the result is checkpointed as one unit and restored on resume.
 """
 
