@@ -18,6 +18,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from trainables.metrics import class_groups, class_key
+
 COLUMNS = [
     ("test/balanced_acc", "final", "test bACC"),
     ("test/recall_head", "final", "test head rec."),
@@ -26,7 +28,7 @@ COLUMNS = [
     ("pl/min_count", "final", "min class PL"),
     ("pl/recall_head", "late", "PL head rec."),
     ("pl/recall_tail", "late", "PL tail rec."),
-    ("pl/precision_tail", "late", "PL tail prec."),
+    ("pl/precision_tail_pooled", "late", "PL tail prec."),
     ("pl_linear/recall_head", "late", "linear PL head rec."),
     ("pl_linear/recall_tail", "late", "linear PL tail rec."),
     ("pl_semantic/recall_head", "late", "semantic PL head rec."),
@@ -43,7 +45,7 @@ CLAIMS = [
     ),
     (
         "... at equal tail pseudo-label precision",
-        "pl/precision_tail",
+        "pl/precision_tail_pooled",
         [("fixmatch", "fixmatch_daso"), ("fixmatch_la", "fixmatch_la_daso")],
     ),
     (
@@ -64,6 +66,21 @@ CLAIMS = [
 ]
 
 
+def tail_precision_pooled(rows: list[dict[str, float]], tail: list[int]) -> float | None:
+    """Precision of all confident tail-class pseudo-labels of the windows together: sum_c correct_c / sum_c count_c
+    over tail classes c, with correct_c = precision_c * count_c. The per-class mean `pl/precision_tail` counts a
+    class without any confident pseudo-label as precision 0, which says "none" rather than "wrong"."""
+    num_classes = sum(k.startswith("pl/count/") for k in rows[0])
+    keys = [class_key(c, num_classes) for c in tail]
+    correct = assigned = 0.0
+    for row in rows:
+        for key in keys:
+            count = row.get(f"pl/count/{key}", 0.0)
+            correct += row.get(f"pl/precision/{key}", 0.0) * count
+            assigned += count
+    return correct / assigned if assigned else None
+
+
 def run_values(path: Path) -> dict[str, float]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line]
     last = dict(rows[-1])
@@ -72,7 +89,15 @@ def run_values(path: Path) -> dict[str, float]:
         last["pl/min_count"] = min(counts)
     late = rows[len(rows) // 2 :]
     out = {}
+    counts_file = path.parent / "counts.json"
+    if counts_file.is_file():
+        tail = class_groups(json.loads(counts_file.read_text())["labeled"])["tail"].tolist()
+        pooled = tail_precision_pooled(late, tail)
+        if pooled is not None:
+            out["pl/precision_tail_pooled"] = pooled
     for key, when, _ in COLUMNS:
+        if key in out:
+            continue
         if when == "final" and key in last:
             out[key] = last[key]
         elif when == "late" and all(key in r for r in late):
