@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class Frozen(BaseModel):
@@ -303,16 +303,22 @@ class DrwConfig(Frozen):
         False, description="count only confident pseudo-labels (the paper counts every unlabeled sample's)"
     )
 
-    @model_validator(mode="after")
-    def _check(self) -> DrwConfig:
-        if isinstance(self.start, float) and self.start > 1:
+    @field_validator("start")
+    @classmethod
+    def _start(cls, value: int | float) -> int | float:
+        if isinstance(value, float) and value > 1:
             raise ValueError(
-                f"start={self.start}: a number with a point is a fraction of train.iterations and must be in "
-                "[0, 1]; give an iteration as an integer"
+                f"{value} with a point is a fraction of train.iterations and must be in [0, 1]; give an iteration "
+                "as an integer"
             )
-        if isinstance(self.window, int) and self.window < 1:
-            raise ValueError(f"window={self.window} must be >= 1 or 'auto'")
-        return self
+        return value
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"{value} batches: the window must hold at least 1, or be 'auto'")
+        return value
 
     def start_step(self, iterations: int) -> int:
         """The iteration at which the dynamic weights switch on."""

@@ -46,6 +46,12 @@ def test_overrides_parse_yaml_scalars_and_nest():
         (["model.depth=27"], ["(depth - 4) % 6 == 0"]),
         (["data.dataset=cifar11"], ["data.dataset", "'cifar10'", "'imagefolder'"]),
         (["method.preset=fixmatch_drw", "method.drw.beta=1.0"], ["method.drw.beta", "less than 1"]),
+        (["method.preset=fixmatch_drw", "method.drw.start=1.5"], ["method.drw.start", "fraction of train.iterations"]),
+        (["method.preset=fixmatch_drw", "method.drw.window=0"], ["method.drw.window", "or be 'auto'"]),
+        (["method.preset=fixmatch_daso", "method.daso.ema_bn=running"], ["method.daso.ema_bn", "'batch'", "'eval'"]),
+        (["optim.weight_decay_on=bias"], ["optim.weight_decay_on", "'weights'", "'all'"]),
+        (["data.augment.crop_pad=-2"], ["crop_pad=-2", "'auto'"]),
+        (["data.synthetic.faint_fill=2"], ["data.synthetic.faint_fill", "less than or equal to 1"]),
     ],
 )
 def test_bad_values_name_field_value_and_choices(overrides, expected):
