@@ -265,8 +265,8 @@ class DasoConfig(Frozen):
         "batch",
         description="BatchNorm of the EMA encoder's labeled forward that fills the queue: batch statistics "
         "(batch; the reference's output), batch statistics that also move the EMA's running statistics (train; "
-        "the reference's side effect, which changes only the evaluated EMA model: measured +0.5 +- 1.2 bACC, "
-        "BENCHMARKS.md), or the running statistics (eval)",
+        "the reference's side effect, which changes only the evaluated EMA model, and DRw's ema_pass counts: "
+        "measured +0.5 +- 1.2 bACC, BENCHMARKS.md), or the running statistics (eval)",
     )
 
     @model_validator(mode="after")

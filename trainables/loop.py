@@ -44,6 +44,9 @@ from trainables.models import build_model
 
 Report = Callable[[dict[str, float], Path | None], None]
 CHECKPOINT_DIR = "checkpoint"
+# 2: DASO enqueues before reading prototypes, DRw counts every pseudo-label over one pass of U, augmentation sizes
+# follow the image; a format-1 checkpoint would resume under other rules with the same-looking configuration
+CHECKPOINT_FORMAT = 2
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -226,16 +229,17 @@ class Run:
             with self.rt.autocast():
                 return ema.encode(x_lb).float()
         norms = [m for m in ema.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-        ema.train()
-        if self.ema_bn == "batch":
-            for m in norms:  # batch statistics, running statistics neither read nor written
-                m.track_running_stats = False
+        tracking = [m.track_running_stats for m in norms]
         try:
+            ema.train()
+            if self.ema_bn == "batch":
+                for m in norms:  # batch statistics, running statistics neither read nor written
+                    m.track_running_stats = False
             with self.rt.autocast():
                 return ema.encode(x_lb).float()
         finally:
-            for m in norms:
-                m.track_running_stats = True
+            for m, flag in zip(norms, tracking, strict=True):
+                m.track_running_stats = flag
             ema.eval()
 
     # ---- evaluation -----------------------------------------------------------------------------------------
@@ -261,6 +265,7 @@ class Run:
     # ---- checkpoint -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
+            "format": CHECKPOINT_FORMAT,
             "config": self.cfg.model_dump(mode="json"),
             "step": self.step,
             "model": self.model.state_dict(),
@@ -273,6 +278,12 @@ class Run:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("format", 1) != CHECKPOINT_FORMAT:
+            raise ValueError(
+                f"checkpoint format {state.get('format', 1)}, this code writes format {CHECKPOINT_FORMAT}: it was "
+                "written before DASO's queue order, DRw's pseudo numbers and the augmentation sizes followed the "
+                "papers (issue 9), and would resume under other rules; start a new run"
+            )
         saved = RunConfig.model_validate(state["config"])
         if saved != self.cfg:
             diff = _config_diff(saved.model_dump(mode="json"), self.cfg.model_dump(mode="json"))

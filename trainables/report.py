@@ -75,8 +75,10 @@ def tail_precision_pooled(rows: list[dict[str, float]], tail: list[int]) -> floa
     correct = assigned = 0.0
     for row in rows:
         for key in keys:
+            if f"pl/precision/{key}" not in row:  # no ground truth (e.g. STL-10's unlabeled split): nothing to pool
+                continue
             count = row.get(f"pl/count/{key}", 0.0)
-            correct += row.get(f"pl/precision/{key}", 0.0) * count
+            correct += row[f"pl/precision/{key}"] * count
             assigned += count
     return correct / assigned if assigned else None
 

@@ -33,6 +33,7 @@ base:
   train: {{iterations: 60, eval_every: 20}}
   method:
     daso: {{warmup: 20, window: 20}}  # so that DASO's blending runs within 60 iterations
+    drw: {{start: 20}}  # and DRw's dynamic weights
 space:
   method.preset: {{type: categorical, values: [fixmatch, fixmatch_daso, fixmatch_drw]}}
   optim.lr: {{type: loguniform, low: 0.005, high: 0.2}}

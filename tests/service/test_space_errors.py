@@ -334,12 +334,14 @@ def test_base_file_blocks_of_other_presets_reach_only_their_presets(write_space,
         "method: {preset: fixmatch_daso_drw, daso: {warmup: 5}, drw: {start: 50}}\n"
     )
     path = write_space(
-        "experiment: x\nbase_file: run.yaml\nspace:\n"
+        "experiment: x\nbase_file: run.yaml\nsearch: {sampler: grid}\nspace:\n"
         "  method.preset: {type: categorical, values: [fixmatch, fixmatch_drw]}\n"
     )
     plan = load_plan(path, launch_dir=tmp_path)
     assert plan.presets == ("fixmatch", "fixmatch_drw")
-    for config in sample_configs(plan, 4):
+    configs = sample_configs(plan, 2)
+    assert {c["method"]["preset"] for c in configs} == {"fixmatch", "fixmatch_drw"}
+    for config in configs:
         assert "daso" not in config["method"] or config["method"]["daso"] is None
         if config["method"]["preset"] == "fixmatch_drw":
             assert config["method"]["drw"]["start"] == 50

@@ -106,6 +106,19 @@ def test_resume_refuses_a_different_config(tmp_path):
         )
 
 
+def test_resume_refuses_a_checkpoint_of_the_former_rules(tmp_path):
+    """A checkpoint without the format mark was written before DASO's order and DRw's counting changed: the
+    same-looking configuration would resume under other rules, so it is refused."""
+    from trainables import checkpoint
+
+    train(tiny_config("train.iterations=10"), tmp_path, progress=False, data=random_data())
+    state = checkpoint.load(tmp_path / "checkpoint")
+    del state["format"]
+    checkpoint.save_atomic(state, tmp_path / "checkpoint")
+    with pytest.raises(ValueError, match="checkpoint format 1, this code writes format 2"):
+        train(tiny_config("train.iterations=10"), tmp_path, resume=True, progress=False, data=random_data())
+
+
 def test_resume_of_a_finished_run_returns_its_result(tmp_path):
     final = train(tiny_config("train.iterations=10"), tmp_path, progress=False, data=random_data())
     again = train(tiny_config("train.iterations=10"), tmp_path, resume=True, progress=False, data=random_data())

@@ -139,3 +139,20 @@ def test_per_step_calls_do_not_synchronise_with_the_host(preset):
         loop_steps(method, generator, range(6))
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_dynamic_reweighting_factory_wiring():
+    """beta goes to the labeled weights, beta_u to the unlabeled ones; a fractional start is a share of the
+    context's iterations; the auto window holds |U| predictions; confident_only passes through."""
+    from trainables.methods.drw import effective_number_weights
+
+    cfg = MethodConfig.model_validate(
+        {"preset": "fixmatch_drw", "drw": {"beta": 0.9, "beta_u": 0.5, "start": 0.7, "confident_only": True}}
+    )
+    method = build_method(cfg, CTX)  # CTX: 10 iterations, |U| = 40, unlabeled batch 12
+    drw = method.unlabeled_weighting
+    assert (drw.beta, drw.start, drw.window, drw.confident_only) == (0.5, 7, 4, True)
+    torch.testing.assert_close(method.labeled_loss.weights, effective_number_weights(CTX.labeled_counts, 0.9))
+    one = MethodConfig.model_validate({"preset": "fixmatch_drw", "drw": {"beta": 0.9, "start": 3, "window": 2}})
+    drw = build_method(one, CTX).unlabeled_weighting
+    assert (drw.beta, drw.start, drw.window, drw.confident_only) == (0.9, 3, 2, False)
