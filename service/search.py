@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -251,10 +252,33 @@ class SweepGenerator(SearchGenerator):
         self._finished = False
 
 
+class RetryingStorage(optuna.storages.RDBStorage):
+    """RDBStorage whose idempotent attribute writes are retried when the database drops the connection between
+    the pool's pre-ping and the commit (seen in the PostgreSQL fault test: the grid sampler's `grid_id` write inside
+    `study.ask()` failed and ended the sweep). Writing the same key and value again is harmless."""
+
+    ATTEMPTS = 3
+
+    def _retried(self, write, *args) -> None:
+        for attempt in range(self.ATTEMPTS):
+            try:
+                return write(*args)
+            except optuna.exceptions.StorageInternalError:
+                if attempt == self.ATTEMPTS - 1:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._retried(super().set_trial_system_attr, trial_id, key, value)
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._retried(super().set_trial_user_attr, trial_id, key, value)
+
+
 def study_storage(url: str) -> optuna.storages.RDBStorage:
     """Optuna's database storage, its pooled connections checked before each use: Optuna does that for MySQL only,
     and a PostgreSQL that restarted or dropped its backends would otherwise fail the searcher's next call."""
-    return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    return RetryingStorage(url, engine_kwargs={"pool_pre_ping": True})
 
 
 class SweepLimiter(ConcurrencyLimiter):
