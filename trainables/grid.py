@@ -61,14 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     jobs = []
     try:
-        for pair in args.overrides:  # an override for a block no chosen preset uses would be dropped unseen
-            parts = pair.split("=", 1)[0].strip().split(".")
-            if len(parts) > 1 and parts[0] == "method" and parts[1] in METHOD_BLOCKS:
-                if not any(p in PRESETS and preset_uses(p, parts[1]) for p in args.presets):
-                    owners = ", ".join(p for p in PRESETS if preset_uses(p, parts[1]))
-                    raise ConfigError(
-                        f"--set {pair}: no preset of this grid uses method.{parts[1]}; presets that do: {owners}"
-                    )
+        # an override for a block no chosen preset uses would be dropped from every run unseen
+        overridden = parse_overrides(args.overrides).get("method") or {}
+        for block in sorted(set(overridden) & set(METHOD_BLOCKS)):
+            if not any(p in PRESETS and preset_uses(p, block) for p in args.presets):
+                owners = ", ".join(p for p in PRESETS if preset_uses(p, block))
+                raise ConfigError(
+                    f"--set method.{block}.*: no preset of this grid uses method.{block}; presets that do: {owners}"
+                )
         raw = read_yaml(args.config)
         for seed in args.seeds:  # seed-major: an interrupted grid has every preset's first seeds
             for preset in args.presets:

@@ -153,6 +153,8 @@ class Run:
         )
         daso_cfg = cfg.method.daso
         self.ema_bn = daso_cfg.ema_bn if daso_cfg is not None else "batch"
+        # the EMA copy's BatchNorm layers, found once (the training step toggles them for DASO's queue forward)
+        self.ema_norms = [m for m in self.ema.module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         self.history = EvalHistory()
         self.step = 0  # iterations completed
 
@@ -228,7 +230,7 @@ class Run:
         if self.ema_bn == "eval":
             with self.rt.autocast():
                 return ema.encode(x_lb).float()
-        norms = [m for m in ema.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        norms = self.ema_norms
         tracking = [m.track_running_stats for m in norms]
         try:
             ema.train()

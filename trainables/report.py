@@ -147,11 +147,8 @@ def claims(root: Path) -> str:
 def summarise(root: Path) -> str:
     header = "| preset | seeds | " + " | ".join(title for _, _, title in COLUMNS) + " |"
     lines = [header, "|" + "---|" * (len(COLUMNS) + 2)]
-    for preset_dir in sorted(p for p in Path(root).iterdir() if p.is_dir()):
-        finished = [m for m in sorted(preset_dir.glob("seed*/metrics.jsonl")) if (m.parent / "artifacts").is_dir()]
-        runs = [run_values(m) for m in finished]
-        if not runs:
-            continue
+    for preset, by_seed in grid_values(root).items():
+        runs = list(by_seed.values())
         cells = []
         for key, _, _ in COLUMNS:
             vals = [(1 if key in COUNTS else 100) * r[key] for r in runs if key in r]
@@ -161,7 +158,7 @@ def summarise(root: Path) -> str:
                 cells.append(f"{min(vals):.0f}")  # the fewest over seeds
             else:
                 cells.append(mean_std(vals))
-        lines.append(f"| {preset_dir.name} | {len(runs)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {preset} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
