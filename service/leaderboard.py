@@ -37,6 +37,12 @@ class Row:
     pareto_rank: int | None = None
 
 
+def runs_url(server: str, experiment_id: str) -> str:
+    """The MLflow UI's runs table of an experiment, in its machine-learning view (MLflow 3's UI otherwise opens an
+    experiment on its GenAI overview, traces and token usage)."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
 def pareto_ranks(points: list[tuple[float, ...]], modes: list[str]) -> list[int]:
     """Non-dominated sorting: rank 1 for the front, 2 for the front once rank 1 is removed, ..."""
     signs = [1.0 if m == "max" else -1.0 for m in modes]

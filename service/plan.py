@@ -126,6 +126,8 @@ class Plan:
             "space": {k: v.model_dump(mode="json") for k, v in sorted(self.spec.space.items())},
             "objectives": self.spec.search.objectives,
         }
+        if self.spec.search.enqueue:  # trials given one by one are part of the question
+            ident["enqueue"] = self.spec.search.enqueue
         return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
     @property

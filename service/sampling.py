@@ -95,6 +95,8 @@ def sample_configs(plan: Plan, n: int) -> list[dict[str, Any]]:
         sampler=SAMPLERS[plan.spec.search.sampler](plan),
         directions=["maximize" if m == "max" else "minimize" for m in modes],
     )
+    for trial in plan.spec.search.enqueue:
+        study.enqueue_trial(plan.spec.optuna_params(trial))
     sampler = TrialSampler(plan)
     out = []
     for _ in range(n):

@@ -69,6 +69,10 @@ class SweepSearch(OptunaSearch):
         if storage is not None and self._ot_study.get_trials(deepcopy=False):
             # a new searcher on a study that has trials: a sweep rebuilt after its Tune state was lost
             self._adopt_unknown_trials()
+        elif plan.spec.search.enqueue:
+            # trials given one by one (search.enqueue): Optuna hands them out first, with exactly these values
+            for trial in plan.spec.search.enqueue:
+                self._ot_study.enqueue_trial(plan.spec.optuna_params(trial))
 
     @property
     def study(self) -> optuna.Study:

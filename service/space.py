@@ -52,6 +52,10 @@ class Param(Protocol):
     def grid_values(self) -> list[Any] | None:
         """All values when the parameter is discrete, for the grid sampler; None when it is continuous."""
 
+    def optuna_params(self, name: str, value: Any) -> dict[str, Any]:
+        """Optuna's own parameters for a trial that takes configuration value `value` (`search.enqueue`); raises
+        ValueError when the value is outside the distribution."""
+
 
 class _Param(Frozen):
     """The fields every parameter has."""
@@ -102,6 +106,11 @@ class _Interval(_Param):
     def grid_values(self) -> None:
         return None  # continuous
 
+    def optuna_params(self, name: str, value: Any) -> dict[str, Any]:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not self.low <= value <= self.high:
+            raise ValueError(f"{value!r} is not a number in [{self.low}, {self.high}]")
+        return {name: float(value)}
+
 
 class Uniform(_Interval):
     type: Literal["uniform"]
@@ -130,6 +139,10 @@ class LogOneMinus(_Interval):
         # Optuna sees the log-uniform quantity 1 - x under its own name, so its plots show the searched scale
         return 1.0 - trial.suggest_float(f"1 - {name}", 1.0 - self.high, 1.0 - self.low, log=True)
 
+    def optuna_params(self, name: str, value: Any) -> dict[str, Any]:
+        super().optuna_params(name, value)
+        return {f"1 - {name}": 1.0 - float(value)}
+
 
 class IntRange(_Param):
     type: Literal["int"]
@@ -157,6 +170,11 @@ class IntRange(_Param):
     def grid_values(self) -> list[Any]:
         return list(range(self.low, self.high + 1, self.step))
 
+    def optuna_params(self, name: str, value: Any) -> dict[str, Any]:
+        if isinstance(value, bool) or not isinstance(value, int) or value not in self.grid_values():
+            raise ValueError(f"{value!r} is not an integer of range({self.low}, {self.high} + 1, {self.step})")
+        return {name: value}
+
 
 class Categorical(_Param):
     type: Literal["categorical"]
@@ -178,6 +196,11 @@ class Categorical(_Param):
     def grid_values(self) -> list[Any]:
         return list(self.values)
 
+    def optuna_params(self, name: str, value: Any) -> dict[str, Any]:
+        if not any(type(value) is type(v) and value == v for v in self.values):
+            raise ValueError(f"{value!r} is not one of {self.values}")
+        return {name: value}
+
 
 class Fixed(_Param):
     """A constant set for every trial (of `presets`): not sampled, not seen by Optuna."""
@@ -193,6 +216,11 @@ class Fixed(_Param):
 
     def grid_values(self) -> list[Any]:
         return [self.value]
+
+    def optuna_params(self, name: str, value: Any) -> dict[str, Any]:
+        if value != self.value:
+            raise ValueError(f"{value!r} differs from the fixed value {self.value!r}")
+        return {}
 
 
 Distribution = Annotated[
@@ -229,6 +257,11 @@ class SearchConfig(Frozen):
         None, gt=0, description="stop the sweep after this many seconds of this driver session (--resume continues it)"
     )
     max_failures: int = Field(2, ge=0, description="retries of a failed trial, each from its last checkpoint")
+    enqueue: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="trials to run first, exactly as given ({parameter: value}, the preset's parameters all set); "
+        "the sampler proposes the rest",
+    )
 
     @field_validator("scheduler", mode="before")
     @classmethod
@@ -336,6 +369,10 @@ class Tracking(Frozen):
         1,
         ge=1,
         description="log per-class metrics (.../cNN) every k-th evaluation and at the last; 10 for 100+ classes",
+    )
+    tags: dict[str, str] = Field(
+        default_factory=dict,
+        description="MLflow tags set on the sweep's parent run and on every trial's run (e.g. ltssl.stage)",
     )
 
     @field_validator("uri")
@@ -448,6 +485,29 @@ class SpaceFile(Frozen):
             if not re.fullmatch(r"[a-z_][a-z0-9_]*(\.[a-z_][a-z0-9_]*)*", name):
                 raise ValueError(f"parameter name {name!r} must be a dotted path like method.drw.beta")
         return space
+
+    @model_validator(mode="after")
+    def _enqueued_trials(self) -> SpaceFile:
+        for i, trial in enumerate(self.search.enqueue):
+            unknown = sorted(set(trial) - set(self.space))
+            if unknown:
+                raise ValueError(
+                    f"search.enqueue[{i}]: {', '.join(map(repr, unknown))} not in the space; its parameters: "
+                    f"{', '.join(self.space)}"
+                )
+            for name, value in trial.items():
+                try:
+                    self.space[name].optuna_params(name, value)
+                except ValueError as err:
+                    raise ValueError(f"search.enqueue[{i}].{name}: {err}") from None
+        return self
+
+    def optuna_params(self, trial: dict[str, Any]) -> dict[str, Any]:
+        """Optuna's parameters of an enqueued trial (`search.enqueue`)."""
+        out: dict[str, Any] = {}
+        for name, value in trial.items():
+            out.update(self.space[name].optuna_params(name, value))
+        return out
 
     @property
     def searched(self) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from service.space import describe
 from service.tracking import (
     COMMIT,
     ENDED_NOTE,
+    EXPERIMENT_KIND,
     FLUSH_TIMEOUT_S,
     LOST,
     NOTE,
@@ -203,7 +204,12 @@ def start_parent(plan: Plan) -> SweepRecord:
             f"MLflow experiment {plan.mlflow_experiment!r} is deleted at {safe_uri}; restore it in the UI "
             "or set tracking.experiment to another name"
         )
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(plan.mlflow_experiment)
+    if experiment is None:
+        experiment_id = client.create_experiment(plan.mlflow_experiment, tags=dict([EXPERIMENT_KIND]))
+    else:
+        experiment_id = experiment.experiment_id
+        if EXPERIMENT_KIND[0] not in experiment.tags:  # made by an older version, or by hand: say what it holds
+            client.set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
     commit = git_commit(PROJECT_ROOT)
     metrics, modes = plan.spec.search.objectives_lists()
     tags = {
@@ -214,6 +220,7 @@ def start_parent(plan: Plan) -> SweepRecord:
         OUTCOME: "running",
         "ltssl.objectives": ", ".join(f"{m} ({d})" for m, d in zip(metrics, modes, strict=True)),
         "mlflow.note.content": plan.spec.description or f"Sweep {plan.sweep_name} from {plan.source.name}",
+        **plan.spec.tracking.tags,
     }
     run_id = _unrecorded_parent(client, experiment_id, plan)
     if run_id is None:
@@ -233,6 +240,7 @@ def start_parent(plan: Plan) -> SweepRecord:
         git_commit=commit,
         objectives=tuple(plan.spec.search.objectives),
         per_class_every=plan.spec.tracking.per_class_every,
+        tags=tuple(sorted(plan.spec.tracking.tags.items())),
     )
 
 
@@ -311,8 +319,13 @@ def run(plan: Plan, stored: dict[str, Any] | None, address: str | None, retry_fa
         if stored is None:
             record = start_parent(plan)
         else:
+            saved = stored["record"]
             record = SweepRecord(
-                **{**stored["record"], "objectives": tuple(map(tuple, stored["record"]["objectives"]))}
+                **{
+                    **saved,
+                    "objectives": tuple(map(tuple, saved["objectives"])),
+                    "tags": tuple(map(tuple, saved.get("tags", ()))),
+                }
             )
             client = client_for(record)
             before = client.get_run(record.parent_run_id)

@@ -55,6 +55,7 @@ NODES = "ltssl.nodes"
 NOTE = "mlflow.note.content"
 ENDED_NOTE = "Ended: "  # how a note set by the sweep's end on a run it closed begins (service.sweep.close_stale)
 DUPLICATE_OF = "ltssl.duplicate_of"  # on a deleted duplicate child run: the run kept for the trial
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")  # MLflow 3: the UI opens on training runs
 PER_CLASS = re.compile(r"/c\d+$")  # per-class keys: val/recall/c03, pl/count/c117, ...
 BATCH = 1000  # MLflow's limit of metrics per log_batch call
 PARAM_BATCH = 100  # and of params
@@ -72,6 +73,7 @@ class SweepRecord:
     git_commit: str
     objectives: tuple[tuple[str, str], ...]
     per_class_every: int
+    tags: tuple[tuple[str, str], ...] = ()  # tracking.tags: on the parent run and every child run
 
 
 def git_commit(root: Path) -> str:
@@ -530,6 +532,7 @@ class MlflowTrialLogger(tune.Callback):
             OPTUNA_TRIAL: str(meta["optuna_trial"]),
             PRESET: run_config["method"]["preset"],
             OUTCOME: "running",
+            **dict(getattr(self.record, "tags", ())),  # a record pickled before tracking.tags has none
         }
         run = self.client.create_run(self.record.experiment_id, run_name=meta["run_name"], tags=tags)
         self._log_trial_params(trial, run.info.run_id)
