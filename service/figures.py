@@ -98,12 +98,17 @@ def per_class_recall(sweep: Sweep, confirmed: list[Confirmed], names: list[str],
     if confirmed:
         metric = sweep.objectives[0][0]
         sign = 1.0 if sweep.objectives[0][1] == "max" else -1.0
-        ranked = sorted(confirmed, key=lambda c: -sign * float(np.mean([m.get(metric, math.nan) for m in c.by_seed.values()])))
+        ranked = sorted(
+            confirmed, key=lambda c: -sign * float(np.mean([m.get(metric, math.nan) for m in c.by_seed.values()]))
+        )
         winner = ranked[0]
         series.append((f"winner: {winner.label} ({len(winner.by_seed)} seeds)", list(winner.by_seed.values())))
-        base = next((c for c in ranked[1:] if c.preset == "fixmatch"), None)
-        if base is not None:
-            series.append((f"FixMatch: {base.label} ({len(base.by_seed)} seeds)", list(base.by_seed.values())))
+        rival = next((c for c in ranked[1:] if c.preset == "fixmatch"), None)
+        if winner.preset == "fixmatch" and len(ranked) > 1:
+            rival = ranked[1]  # FixMatch won: against the runner-up
+        if rival is not None:
+            what = "FixMatch" if rival.preset == "fixmatch" else "runner-up"
+            series.append((f"{what}: {rival.label} ({len(rival.by_seed)} seeds)", list(rival.by_seed.values())))
     else:
         best = sweep.finished[0]
         series.append((f"best: {best.name}", [best.metrics]))
@@ -111,7 +116,9 @@ def per_class_recall(sweep: Sweep, confirmed: list[Confirmed], names: list[str],
         if best.preset == "fixmatch":
             rival = next((t for t in sweep.finished[1:]), None)
         if rival is not None:
-            series.append((("FixMatch: " if rival.preset == "fixmatch" else "runner-up: ") + rival.name, [rival.metrics]))
+            series.append(
+                (("FixMatch: " if rival.preset == "fixmatch" else "runner-up: ") + rival.name, [rival.metrics])
+            )
     fig, ax = plt.subplots(figsize=(max(7.0, 0.55 * count + 2), 4.2))
     width = 0.8 / len(series)
     x = np.arange(count)
@@ -120,7 +127,9 @@ def per_class_recall(sweep: Sweep, confirmed: list[Confirmed], names: list[str],
         mean = np.nanmean(values, axis=0)
         err = np.nanstd(values, axis=0, ddof=1) if len(runs) > 1 else None
         ax.bar(x + (i - (len(series) - 1) / 2) * width, mean, width, yerr=err, capsize=2, label=label)
-    ax.set_xticks(x, names, rotation=45 if count > 10 or max(map(len, names)) > 6 else 0, ha="right" if count > 10 else "center")
+    ax.set_xticks(
+        x, names, rotation=45 if count > 10 or max(map(len, names)) > 6 else 0, ha="right" if count > 10 else "center"
+    )
     ax.set_xlabel("class (head to tail: most to fewest labeled images)")
     ax.set_ylabel("test recall")
     ax.set_ylim(0, 1.05)
@@ -139,11 +148,19 @@ def pseudo_label_quality(client: Any, trial: Trial, names: list[str], folder: Pa
     import matplotlib.pyplot as plt
 
     count = len(names)
-    prefixes = [p for p in ("pl_linear", "pl_semantic", "pl") if any(k.startswith(f"{p}/recall/") for k in trial.metrics)]
+    prefixes = [
+        p for p in ("pl_linear", "pl_semantic", "pl") if any(k.startswith(f"{p}/recall/") for k in trial.metrics)
+    ]
     if not prefixes or count == 0:
         return []
-    titles = {"pl_linear": "linear classifier", "pl_semantic": "semantic (prototypes)", "pl": "final (used by the loss)"}
-    fig, axes = plt.subplots(2, len(prefixes), figsize=(4.2 * len(prefixes), 6.4), sharex=True, sharey=True, squeeze=False)
+    titles = {
+        "pl_linear": "linear classifier",
+        "pl_semantic": "semantic (prototypes)",
+        "pl": "final (used by the loss)",
+    }
+    fig, axes = plt.subplots(
+        2, len(prefixes), figsize=(4.2 * len(prefixes), 6.4), sharex=True, sharey=True, squeeze=False
+    )
     colors = plt.cm.viridis(np.linspace(0, 0.95, count))
     width = max(2, len(str(count - 1)))
     for col, prefix in enumerate(prefixes):
@@ -280,7 +297,9 @@ def optuna_figures(client: Any, sweep: Sweep, folder: Path) -> list[Path]:
             except (RuntimeError, ValueError):  # too few trials with distinct values to fit the importance model
                 ax = None
             if ax is not None:
-                ax.set_title(f"{TITLES['param_importances']} for {metric} (fANOVA over {len(complete)} finished trials)")
+                ax.set_title(
+                    f"{TITLES['param_importances']} for {metric} (fANOVA over {len(complete)} finished trials)"
+                )
                 made.append(_save(ax.figure, folder, "param_importances"))
         if searched:
             ax = ovm.plot_parallel_coordinate(study, **target)

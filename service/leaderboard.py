@@ -37,10 +37,41 @@ class Row:
     pareto_rank: int | None = None
 
 
-def runs_url(server: str, experiment_id: str) -> str:
-    """The MLflow UI's runs table of an experiment, in its machine-learning view (MLflow 3's UI otherwise opens an
-    experiment on its GenAI overview, traces and token usage)."""
-    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+SHARED_VIEW = "mlflow.sharedViewState."  # experiment tag the MLflow UI reads a view from (`viewStateShareKey`)
+#: test metrics the sweep's view of the runs table shows next to the objective(s)
+VIEW_METRICS = (
+    "val/balanced_acc",
+    "test/balanced_acc",
+    "test/balanced_acc_med20",
+    "test/recall_tail",
+    "test/recall_min",
+)
+
+
+def runs_url(server: str, experiment_id: str, view: str | None = None) -> str:
+    """The MLflow UI's runs table of an experiment in its model-training view (MLflow 3's UI otherwise opens an
+    experiment on its GenAI overview: traces and token usage); with `view`, the sweep's view of it (`view_state`)."""
+    url = f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return url + (f"&viewStateShareKey={view}" if view else "")
+
+
+def view_state(sweep_name: str, searched: list[str], objectives: list[tuple[str, str]]) -> dict[str, object]:
+    """The runs table as a sweep's leaderboard, for the UI's shared views: the sweep's trial runs only, ranked by the
+    first objective, with the outcome, the preset, the searched values and the summary metrics as columns; the chart
+    view narrowed to the first objective's charts. (Sorting by a metric shows the runs flat; the experiment's plain view
+    nests them under their sweep's parent run.)"""
+    metrics = [m for m, _ in objectives] + [m for m in VIEW_METRICS if m not in dict(objectives)]
+    columns = ["tags.`ltssl.outcome`", "params.`method.preset`"]
+    columns += [f"params.`sampled/{name}`" for name in searched if name != "method.preset"]
+    columns += [f"metrics.`{m}`" for m in metrics]
+    first, mode = objectives[0]
+    return {
+        "searchFilter": f"tags.`ltssl.sweep` = '{sweep_name}' AND tags.`ltssl.role` = 'trial'",
+        "orderByKey": f"metrics.`{first}`",
+        "orderByAsc": mode == "min",
+        "selectedColumns": columns,
+        "chartsSearchFilter": first,
+    }
 
 
 def pareto_ranks(points: list[tuple[float, ...]], modes: list[str]) -> list[int]:

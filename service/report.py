@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from service.leaderboard import pareto_ranks, runs_url
+from service.leaderboard import SHARED_VIEW, pareto_ranks, runs_url, view_state
 from trainables.config import ConfigError
 
 ROLE, SWEEP, PARENT = "ltssl.role", "ltssl.sweep", "mlflow.parentRunId"
@@ -51,7 +51,13 @@ COLUMNS = (
     ("test/recall_tail", "test tail recall"),
     ("test/recall_min", "test min recall"),
 )
-SUMMARY = ("val/balanced_acc", "test/balanced_acc_last", "test/balanced_acc_med20", "test/recall_tail", "test/recall_min")
+SUMMARY = (
+    "val/balanced_acc",
+    "test/balanced_acc_last",
+    "test/balanced_acc_med20",
+    "test/recall_tail",
+    "test/recall_min",
+)
 OBJECTIVES_TAG = re.compile(r"([^\s,]+) \((max|min)\)")
 
 
@@ -115,7 +121,9 @@ def pick_sweep(client: Any, experiment: Any, name: str | None) -> Any:
         found = [r for r in sweeps if name in (r.info.run_name, r.data.tags.get(SWEEP))]
         if not found:
             known = ", ".join(r.info.run_name for r in sweeps) or "none"
-            raise ConfigError(f"--sweep {name!r}: no sweep of that name in experiment {experiment.name!r}; sweeps: {known}")
+            raise ConfigError(
+                f"--sweep {name!r}: no sweep of that name in experiment {experiment.name!r}; sweeps: {known}"
+            )
         return found[0]
     if not searches:
         raise ConfigError(f"experiment {experiment.name!r} holds no sweep (no run tagged {ROLE}=sweep)")
@@ -128,7 +136,9 @@ def load_sweep(client: Any, parent: Any) -> Sweep:
     plan: dict[str, Any] = {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            plan = json.loads(Path(client.download_artifacts(parent.info.run_id, "space/resolved_plan.json", tmp)).read_text())
+            plan = json.loads(
+                Path(client.download_artifacts(parent.info.run_id, "space/resolved_plan.json", tmp)).read_text()
+            )
     except Exception:  # noqa: BLE001 - an older sweep, or an artifact store that does not answer: report without it
         plan = {}
     sweep = Sweep(
@@ -260,7 +270,9 @@ def _mean_of(cell: str) -> float:
 
 
 def config_label(t: Trial, seed_param: str | None) -> str:
-    shown = [f"{k.rsplit('.', 1)[-1]}={_fmt_value(v)}" for k, v in sorted(t.params.items()) if k not in (PRESET, seed_param)]
+    shown = [
+        f"{k.rsplit('.', 1)[-1]}={_fmt_value(v)}" for k, v in sorted(t.params.items()) if k not in (PRESET, seed_param)
+    ]
     return " ".join([t.preset, *shown])
 
 
@@ -393,7 +405,14 @@ def confirmation_tables(
         mean, std, lo, hi = interval(values)
         tests = [m["test/balanced_acc_last"] for m in c.by_seed.values() if "test/balanced_acc_last" in m]
         rows.append(
-            [c.label, str(len(values)), f"{mean:.4f}", _num(std), f"[{lo:.4f}, {hi:.4f}]" if not math.isnan(lo) else "", mean_std(tests)]
+            [
+                c.label,
+                str(len(values)),
+                f"{mean:.4f}",
+                _num(std),
+                f"[{lo:.4f}, {hi:.4f}]" if not math.isnan(lo) else "",
+                mean_std(tests),
+            ]
         )
     lines: list[str] = []
     if not scored:
@@ -416,7 +435,9 @@ def confirmation_tables(
 
 
 def paired(winner: Confirmed, rival: Confirmed, metric: str) -> tuple[list[Any], list[float]]:
-    seeds = [s for s in winner.by_seed if s in rival.by_seed and metric in winner.by_seed[s] and metric in rival.by_seed[s]]
+    seeds = [
+        s for s in winner.by_seed if s in rival.by_seed and metric in winner.by_seed[s] and metric in rival.by_seed[s]
+    ]
     return seeds, [winner.by_seed[s][metric] - rival.by_seed[s][metric] for s in seeds]
 
 
@@ -424,7 +445,9 @@ def paired_line(winner: Confirmed, rival: Confirmed, what: str, metric: str, sig
     """The paired comparison on `metric` across the seeds both ran; `sign` -1 when lower is better."""
     seeds, diffs = paired(winner, rival, metric)
     if len(diffs) < 2:
-        return f"{metric}: winner vs {what} ({rival.label}): {len(diffs)} shared seed(s), too few for a paired interval."
+        return (
+            f"{metric}: winner vs {what} ({rival.label}): {len(diffs)} shared seed(s), too few for a paired interval."
+        )
     mean, std, lo, hi = interval(diffs)
     better_lo, better_hi = sorted((sign * lo, sign * hi))
     if better_lo > 0:
@@ -490,9 +513,12 @@ def build(client: Any, sweep: Sweep, out: Path, tracking_uri: str, figures: bool
     parts = [
         f"# Sweep {sweep.name}\n",
         f"Experiment {sweep.experiment_id}, parent run {sweep.run_id}, sweep status "
-        f"{sweep.tags.get(OUTCOME, 'running')}; trials: {state}" + (f" (of {planned} planned)" if planned else "") + ".",
-        f"Objective(s): {', '.join(f'{m} ({d})' for m, d in sweep.objectives)}. Test metrics are shown, never searched.",
-        f"MLflow UI: {runs_url(_server(tracking_uri), sweep.experiment_id)}\n",
+        f"{sweep.tags.get(OUTCOME, 'running')}; trials: {state}"
+        + (f" (of {planned} planned)" if planned else "")
+        + ".",
+        f"Objective(s): {', '.join(f'{m} ({d})' for m, d in sweep.objectives)}. "
+        "Test metrics are shown, never searched.",
+        f"MLflow UI: {runs_url(_server(tracking_uri), sweep.experiment_id, view=sweep.name)}\n",
     ]
 
     header, rows = leaderboard_rows(sweep)
@@ -548,6 +574,16 @@ def build(client: Any, sweep: Sweep, out: Path, tracking_uri: str, figures: bool
     return Report(sweep=sweep, text=text, files=files)
 
 
+def ensure_view(client: Any, sweep: Sweep) -> None:
+    """The experiment's shared view of the sweep's runs (the report's link opens it); sweeps started before the
+    service wrote one get it here."""
+    experiment = client.get_experiment(sweep.experiment_id)
+    if f"{SHARED_VIEW}{sweep.name}" in experiment.tags or not sweep.plan.get("space"):
+        return
+    state = view_state(sweep.name, list(sweep.plan["space"]), sweep.objectives)
+    client.set_experiment_tag(sweep.experiment_id, f"{SHARED_VIEW}{sweep.name}", json.dumps(state))
+
+
 def _write(out: Path, stem: str, header: list[str], rows: list[list[str]]) -> list[Path]:
     (out / f"{stem}.csv").write_text(csv_text(header, rows))
     (out / f"{stem}.md").write_text(markdown_table(header, rows))
@@ -586,7 +622,10 @@ def confirmation_space(sweep: Sweep, k: int, seeds: int, tracking_uri: str, stor
             chosen.append(t)
             keys.add(key)
     if all(t.preset != "fixmatch" for t in chosen):
-        baseline = next((t for t in ranked if t.preset == "fixmatch"), None)
+        # the best FixMatch trial: finished ones first, then those ASHA stopped (a plain baseline, however it fared)
+        baseline = next(
+            (t for t in sweep.trials if t.preset == "fixmatch" and t.outcome in ("finished", "pruned")), None
+        )
         if baseline is not None:
             chosen.append(baseline)
     used = {int(t.params.get(seed_param, plan["base"].get("train", {}).get("seed", 0))) for t in sweep.trials}
@@ -706,7 +745,9 @@ def main(argv: list[str] | None = None) -> int:
         experiment = client.get_experiment_by_name(args.experiment)
         if experiment is None:
             names = ", ".join(e.name for e in client.search_experiments()) or "none"
-            raise ConfigError(f"--experiment {args.experiment!r}: no such experiment at {redact(uri)}; experiments: {names}")
+            raise ConfigError(
+                f"--experiment {args.experiment!r}: no such experiment at {redact(uri)}; experiments: {names}"
+            )
         parent = pick_sweep(client, experiment, args.sweep)
         sweep = load_sweep(client, parent)
         out = args.out or Path("reports") / sweep.name
@@ -718,6 +759,7 @@ def main(argv: list[str] | None = None) -> int:
         report = build(client, sweep, out, uri, figures=not args.no_figures)
         if not args.no_log:
             log_report(client, report, out)
+            ensure_view(client, sweep)
     except ConfigError as err:
         print(f"error: {redact_text(str(err))}", file=sys.stderr)
         return 2
@@ -726,9 +768,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def confirm(
-    sweep: Sweep, k: int, seeds: int, uri: str, address: str | None, storage: str | None, out: Path
-) -> int:
+def confirm(sweep: Sweep, k: int, seeds: int, uri: str, address: str | None, storage: str | None, out: Path) -> int:
     import yaml
 
     from service import tune

@@ -31,6 +31,7 @@ from ray import tune
 
 from service import cluster, secrets
 from service.console import TrialEvents
+from service.leaderboard import SHARED_VIEW, view_state
 from service.plan import Plan, anchor_paths
 from service.search import SweepGenerator, build_scheduler, build_searcher, study_storage
 from service.space import describe
@@ -228,6 +229,9 @@ def start_parent(plan: Plan) -> SweepRecord:
     else:  # a driver died between creating the parent run and writing the sweep's record: take that run over
         client.update_run(run_id, status="RUNNING")
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    # the printed link opens the runs table on this view of the sweep (service.leaderboard.view_state)
+    state = view_state(plan.sweep_name, list(plan.spec.searched), list(zip(metrics, modes, strict=True)))
+    client.set_experiment_tag(experiment_id, f"{SHARED_VIEW}{plan.sweep_name}", json.dumps(state))
     log_params(client, run_id, plan_params(plan))
     client.log_text(run_id, secrets.redact_text(plan.source.read_text()), f"space/{plan.source.name}")
     client.log_dict(run_id, plan.frozen_fields(), "space/resolved_plan.json")

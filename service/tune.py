@@ -17,10 +17,10 @@ from typing import Any
 
 import yaml
 
+from service.leaderboard import runs_url
 from service.plan import Plan, load_plan
 from service.secrets import redact, redact_text
 from service.space import Asha, Resources, describe, json_schema
-from service.leaderboard import runs_url
 from trainables.config import ConfigError
 
 DEFAULT_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "quickstart.yaml"
@@ -196,10 +196,10 @@ def render_outcome(plan: Plan, outcome: Any, argv: list[str]) -> str:
     lines.append("Open the MLflow UI on the sweep's runs:")
     uri = record.tracking_uri
     if uri.startswith(("http://", "https://")):
-        lines.append(f"  {runs_url(uri, record.experiment_id)}")
+        lines.append(f"  {runs_url(uri, record.experiment_id, view=record.sweep_name)}")
     else:
         lines.append(f"  mlflow ui --backend-store-uri {uri}")
-        lines.append(f"  then open {runs_url('http://127.0.0.1:5000', record.experiment_id)}")
+        lines.append(f"  then open {runs_url('http://127.0.0.1:5000', record.experiment_id, view=record.sweep_name)}")
     experiment = plan.mlflow_experiment
     where = "" if plan.spec.tracking.uri is None else f" --tracking-uri {shlex.quote(uri)}"
     lines.append(f"Report, figures and seed confirmation: python -m service.report --experiment {experiment}{where}")

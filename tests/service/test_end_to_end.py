@@ -129,11 +129,20 @@ def test_sweep_end_to_end(tmp_path):
     os.kill(report["pid"], signal.SIGKILL)
     output, _ = sweep.communicate(timeout=400)
     assert sweep.returncode == 0, output[-3000:]
-    assert "Open the MLflow UI on the experiment" in output
+    assert "Open the MLflow UI on the sweep's runs" in output
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp, parent, children = runs_of(client, "e2e")
     sweep_name = parent.info.run_name
+    # a model-training experiment (MLflow 3's UI opens it on runs, not on GenAI traces), and the printed link opens
+    # the runs table on the sweep's view, which the experiment holds
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    link = f"#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={sweep_name}"
+    assert link in output
+    view = json.loads(exp.tags[f"mlflow.sharedViewState.{sweep_name}"])
+    assert view["searchFilter"] == f"tags.`ltssl.sweep` = '{sweep_name}' AND tags.`ltssl.role` = 'trial'"
+    assert view["orderByKey"] == "metrics.`val/balanced_acc`" and view["orderByAsc"] is False
+    assert "params.`sampled/method.drw.beta`" in view["selectedColumns"]
     assert (parent.info.status, parent.data.tags["ltssl.outcome"]) == ("FINISHED", "finished")
     assert sweep_name == f"e2e-{parent.data.tags['ltssl.space_hash'][:8]}"
     assert parent.data.tags["mlflow.source.git.commit"]
