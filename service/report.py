@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from service.leaderboard import SHARED_VIEW, pareto_ranks, runs_url, view_state
+from service.secrets import redact, redact_text
 from trainables.config import ConfigError
 
 ROLE, SWEEP, PARENT = "ltssl.role", "ltssl.sweep", "mlflow.parentRunId"
@@ -510,6 +511,7 @@ def build(client: Any, sweep: Sweep, out: Path, tracking_uri: str, figures: bool
         counts[t.outcome] = counts.get(t.outcome, 0) + 1
     state = ", ".join(f"{n} {o}" for o, n in sorted(counts.items())) or "no trials yet"
     planned = sweep.plan.get("search", {}).get("num_trials")
+    tracking_uri = redact(tracking_uri) or tracking_uri  # the report is written down: no password in it
     parts = [
         f"# Sweep {sweep.name}\n",
         f"Experiment {sweep.experiment_id}, parent run {sweep.run_id}, sweep status "
@@ -518,7 +520,12 @@ def build(client: Any, sweep: Sweep, out: Path, tracking_uri: str, figures: bool
         + ".",
         f"Objective(s): {', '.join(f'{m} ({d})' for m, d in sweep.objectives)}. "
         "Test metrics are shown, never searched.",
-        f"MLflow UI: {runs_url(_server(tracking_uri), sweep.experiment_id, view=sweep.name)}\n",
+        (
+            ""
+            if tracking_uri.startswith(("http://", "https://"))
+            else f"`mlflow ui --backend-store-uri {tracking_uri}`, "
+        )
+        + f"then open the sweep's runs: {runs_url(_server(tracking_uri), sweep.experiment_id, view=sweep.name)}\n",
     ]
 
     header, rows = leaderboard_rows(sweep)
@@ -604,7 +611,7 @@ def log_report(client: Any, report: Report, out: Path) -> None:
 # ---- the confirmation stage -----------------------------------------------------------------------------------
 
 
-def confirmation_space(sweep: Sweep, k: int, seeds: int, tracking_uri: str, storage: str | None) -> dict[str, Any]:
+def confirmation_space(sweep: Sweep, k: int, seeds: int, storage: str | None) -> dict[str, Any]:
     """A space file that re-runs the top `k` configurations of `sweep` (and its best plain FixMatch configuration,
     when none of them is one) with `seeds` fresh training seeds, every trial enqueued, none pruned."""
     if not sweep.plan:
@@ -682,8 +689,7 @@ def confirmation_space(sweep: Sweep, k: int, seeds: int, tracking_uri: str, stor
             "enqueue": enqueue,
         },
         "resources": plan["resources"],
-        "tracking": {
-            "uri": tracking_uri,
+        "tracking": {  # the URI goes on the command line (confirm), never into the file: it may carry a password
             "experiment": plan["tracking"].get("experiment") or plan["experiment"],
             "per_class_every": plan["tracking"].get("per_class_every", 1),
             "tags": {STAGE: CONFIRMATION, CONFIRMS: sweep.run_id, "ltssl.confirms_sweep": sweep.name},
@@ -738,7 +744,6 @@ def main(argv: list[str] | None = None) -> int:
     if (args.address or args.storage) and args.confirm_top_k is None:
         cli.error("--address and --storage apply to --confirm-top-k")
     uri = args.tracking_uri or "sqlite:///mlflow.db"
-    from service.secrets import redact, redact_text
 
     try:
         client = _client(uri)
@@ -773,21 +778,21 @@ def confirm(sweep: Sweep, k: int, seeds: int, uri: str, address: str | None, sto
 
     from service import tune
 
-    space = confirmation_space(sweep, k, seeds, uri, storage)
+    space = confirmation_space(sweep, k, seeds, storage)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "confirm_space.yaml"
     path.write_text(yaml.safe_dump(space, sort_keys=False))
-    argv = ["--space", str(path)] + (["--address", address] if address else [])
+    argv = ["--space", str(path), "--tracking-uri", uri, "--no-report"] + (["--address", address] if address else [])
     print(
         f"[report] confirmation: {space['search']['num_trials']} trial(s) "
         f"({len(space['search']['enqueue']) // seeds} configuration(s) x {seeds} seed(s)): "
-        f"python -m service.tune {shlex.join(argv)}",
+        f"python -m service.tune {redact_text(shlex.join(argv))}",
         flush=True,
     )
     from service.plan import load_plan
     from service.sweep import RECORD_FILE
 
-    if (load_plan(path).sweep_location / RECORD_FILE).is_file():
+    if (load_plan(path, overrides={"tracking": {"uri": uri}}).sweep_location / RECORD_FILE).is_file():
         argv.append("--resume")  # the same confirmation again: its finished trials stand, the rest run
     return tune.main(argv)
 

@@ -64,6 +64,11 @@ def parser() -> argparse.ArgumentParser:
         help="override a field of the space file, e.g. base.train.iterations=2000",
     )
     p.add_argument("--schema", action="store_true", help="print the space file's JSON Schema and exit")
+    p.add_argument(
+        "--no-report",
+        action="store_true",
+        help="skip the report and figures written at the sweep's end (python -m service.report makes them)",
+    )
     return p
 
 
@@ -111,10 +116,30 @@ def main(argv: list[str] | None = None) -> int:
         command = resume_command(argv if argv is not None else sys.argv[1:])
         print(f"\nInterrupted. If the sweep had started, resume it with: {command}", file=sys.stderr)
         return 130
+    if (outcome.complete or outcome.time_budget_hit) and not args.no_report:
+        write_report(plan, outcome.record)
     print(render_outcome(plan, outcome, argv if argv is not None else sys.argv[1:]))
     if outcome.counts.get("failed", 0) == plan.num_trials:
         return 1
     return 0 if outcome.complete or outcome.time_budget_hit else sweep.INTERRUPTED
+
+
+def write_report(plan: Plan, record: Any) -> None:
+    """The sweep's report and figures (`service.report`), in `reports/<sweep>/` and on the parent run. A report that
+    fails says so and leaves the sweep's outcome alone: `python -m service.report` makes it again."""
+    from mlflow import MlflowClient
+
+    from service import report
+
+    try:
+        client = MlflowClient(plan.tracking_uri)
+        sweep = report.load_sweep(client, client.get_run(record.parent_run_id))
+        out = plan.launch_dir / "reports" / sweep.name
+        made = report.build(client, sweep, out, plan.tracking_uri)
+        report.log_report(client, made, out)
+        print(f"[sweep] report: {out / 'report.md'} and figures in {out / 'figures'} (also on the parent run)")
+    except Exception as err:  # noqa: BLE001 - the sweep ran; the report is a reading of it, made again on demand
+        print(f"[sweep] report: not written ({type(err).__name__}: {redact_text(str(err))})", file=sys.stderr)
 
 
 def resume_command(argv: list[str]) -> str:

@@ -209,6 +209,9 @@ def test_sweep_end_to_end(tmp_path):
     assert ranked == sorted(ranked, key=lambda o: o != "finished")
     assert parent.data.metrics["trials/finished"] + parent.data.metrics["trials/pruned"] == 6
     assert (tmp_path / "ray_results" / sweep_name / "service_plan.json").is_file()
+    # the sweep's end wrote its report and figures, in the working directory and on the parent run
+    assert (tmp_path / "reports" / sweep_name / "figures" / "per_class_recall.png").is_file()
+    assert "report/report.md" in {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
 
     # the killed trial was retried in its own run, whose curve has one point per evaluation
     (retried,) = [c for c in children if c.data.tags.get("ltssl.retries") == "1"]

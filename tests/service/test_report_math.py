@@ -101,7 +101,7 @@ def sweep(small_plan) -> Sweep:
 
 
 def test_confirmation_space_reruns_the_top_k_and_plain_fixmatch(sweep, tmp_path):
-    space = report.confirmation_space(sweep, k=2, seeds=3, tracking_uri="sqlite:///m.db", storage=None)
+    space = report.confirmation_space(sweep, k=2, seeds=3, storage=None)
     enqueued = space["search"]["enqueue"]
     # two configurations plus the best FixMatch trial (pruned, but the only plain baseline), three fresh seeds each
     assert space["search"]["num_trials"] == len(enqueued) == 3 * 3
@@ -110,6 +110,7 @@ def test_confirmation_space_reruns_the_top_k_and_plain_fixmatch(sweep, tmp_path)
     assert enqueued[0] == {"method.preset": "fixmatch_drw", "optim.lr": 0.05, "method.drw.beta": 0.999, "train.seed": 1}
     assert space["space"]["optim.lr"] == {"type": "categorical", "values": [0.05, 0.02, 0.08]}
     assert space["search"]["sampler"] == "random" and "scheduler" not in space["search"]  # nothing is pruned
+    assert "uri" not in space["tracking"]  # given on the command line: a password never lands in the file
     assert space["tracking"]["tags"] == {
         "ltssl.stage": "confirmation",
         "ltssl.confirms": "parent",
@@ -133,7 +134,7 @@ def test_confirmation_needs_a_finished_trial(sweep):
     for t in sweep.trials:
         t.outcome = "pruned"
     with pytest.raises(ConfigError, match="no finished trial"):
-        report.confirmation_space(sweep, k=2, seeds=2, tracking_uri="sqlite:///m.db", storage=None)
+        report.confirmation_space(sweep, k=2, seeds=2, storage=None)
 
 
 def test_enqueued_trials_are_checked_against_the_space(write_space, tmp_path):
@@ -167,3 +168,40 @@ def test_the_sweep_view_ranks_its_trials():
     ]
     url = runs_url("http://h:5000/", "7", view="qs-1234")
     assert url == "http://h:5000/#/experiments/7/runs?workflowType=machine_learning&viewStateShareKey=qs-1234"
+
+
+class Histories:
+    """What the figures read of MLflow, for trials whose runs exist only here: metric histories by run and key."""
+
+    def __init__(self, values: dict[str, dict[str, list[tuple[int, float]]]]):
+        self.values = values
+
+    def get_metric_history(self, run_id: str, key: str) -> list:
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(step=s, value=v) for s, v in self.values.get(run_id, {}).get(key, [])]
+
+
+def test_a_multi_objective_sweep_gets_its_pareto_front(sweep, tmp_path):
+    from PIL import Image
+
+    from service.figures import TITLES, optuna_figures
+
+    sweep.objectives = [("val/balanced_acc", "max"), ("val/recall_min", "max")]
+    for t, tail in zip(sweep.trials, (0.1, 0.3, 0.2, 0.0), strict=True):
+        t.metrics["val/recall_min"] = tail
+    made = {p.name for p in optuna_figures(Histories({}), sweep, tmp_path)}
+    assert {"pareto_front.png", "pareto_front.html", "optimization_history.png", "parallel_coordinate.png"} <= made
+    with Image.open(tmp_path / "pareto_front.png") as image:
+        assert image.text["Title"] == TITLES["pareto_front"]
+    # the study the plots come from: finished trials with both values, the pruned one without
+    from service.figures import rebuilt_study
+
+    study = rebuilt_study(Histories({}), sweep)
+    assert [t.values for t in study.trials if t.values] == [[0.7, 0.1], [0.6, 0.3], [0.5, 0.2]]
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "COMPLETE", "PRUNED"]
+    assert study.trials[0].params == {
+        "method.preset": "fixmatch_drw",
+        "optim.lr": 0.05,
+        "1 - method.drw.beta": pytest.approx(0.001),
+    }
