@@ -271,7 +271,6 @@ def rebuilt_study(client: Any, sweep: Sweep) -> Any:
 
 
 def optuna_figures(client: Any, sweep: Sweep, folder: Path) -> list[Path]:
-    import matplotlib.pyplot as plt
     import optuna
     from optuna.visualization import matplotlib as ovm
 
@@ -288,8 +287,8 @@ def optuna_figures(client: Any, sweep: Sweep, folder: Path) -> list[Path]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna's matplotlib plots are marked experimental
         ax = ovm.plot_optimization_history(study, **target)
-        ax.set_title(f"{TITLES['optimization_history']}: {metric} per trial")
-        made.append(_save(ax.figure, folder, "optimization_history"))
+        fig = _retitled(ax, f"{TITLES['optimization_history']}: {metric} of the finished trials")
+        made.append(_save(fig, folder, "optimization_history"))
         searched = {k for t in complete for k in t.params}
         if len(complete) >= 2 and searched:
             try:
@@ -297,23 +296,29 @@ def optuna_figures(client: Any, sweep: Sweep, folder: Path) -> list[Path]:
             except (RuntimeError, ValueError):  # too few trials with distinct values to fit the importance model
                 ax = None
             if ax is not None:
-                ax.set_title(
-                    f"{TITLES['param_importances']} for {metric} (fANOVA over {len(complete)} finished trials)"
-                )
-                made.append(_save(ax.figure, folder, "param_importances"))
+                title = f"{TITLES['param_importances']} for {metric} (fANOVA over {len(complete)} finished trials)"
+                made.append(_save(_retitled(ax, title), folder, "param_importances"))
         if searched:
             ax = ovm.plot_parallel_coordinate(study, **target)
-            fig = ax.figure if hasattr(ax, "figure") else plt.gcf()
-            fig.suptitle(f"{TITLES['parallel_coordinate']} (colour and last axis: {metric})", fontsize=11)
-            made.append(_save(fig, folder, "parallel_coordinate"))
+            title = f"{TITLES['parallel_coordinate']}, finished trials (colour and first axis: {metric})"
+            made.append(_save(_retitled(ax, title), folder, "parallel_coordinate"))
             made += _html(optuna.visualization.plot_parallel_coordinate(study, **target), folder, "parallel_coordinate")
         if multi:
             names = [m for m, _ in sweep.objectives]
             ax = ovm.plot_pareto_front(study, target_names=names)
-            ax.set_title(f"{TITLES['pareto_front']} ({', '.join(names)})")
-            made.append(_save(ax.figure, folder, "pareto_front"))
+            made.append(_save(_retitled(ax, f"{TITLES['pareto_front']} ({', '.join(names)})"), folder, "pareto_front"))
             made += _html(optuna.visualization.plot_pareto_front(study, target_names=names), folder, "pareto_front")
     return made
+
+
+def _retitled(ax: Any, title: str) -> Any:
+    """The figure of one of Optuna's plots with `title` as its only title (Optuna titles its axes, some on the left)."""
+    fig = ax.figure if hasattr(ax, "figure") else ax[0].figure
+    for axes in fig.axes:
+        for loc in ("left", "center", "right"):
+            axes.set_title("", loc=loc)
+    fig.suptitle(title, fontsize=11)
+    return fig
 
 
 def _html(fig: Any, folder: Path, stem: str) -> list[Path]:
