@@ -10,7 +10,9 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 #: recorded next to the objectives when present (test metrics are shown, never searched)
 SUMMARY_METRICS = (
@@ -72,6 +74,22 @@ def view_state(sweep_name: str, searched: list[str], objectives: list[tuple[str,
         "selectedColumns": columns,
         "chartsSearchFilter": first,
     }
+
+
+def child_runs(client: Any, experiment_id: str, parent_id: str) -> Iterator[Any]:
+    """Every child run of a parent run, page by page."""
+    token = None
+    while True:
+        page = client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'",
+            max_results=500,
+            page_token=token,
+        )
+        yield from page
+        token = page.token
+        if not token:
+            return
 
 
 def pareto_ranks(points: list[tuple[float, ...]], modes: list[str]) -> list[int]:

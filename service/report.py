@@ -26,14 +26,16 @@ import re
 import shlex
 import sys
 import tempfile
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from service.leaderboard import SHARED_VIEW, pareto_ranks, runs_url, view_state
+from service import leaderboard
+from service.leaderboard import SHARED_VIEW, child_runs, runs_url, view_state
 from service.secrets import redact, redact_text
 from trainables.config import ConfigError
 
@@ -152,20 +154,8 @@ def load_sweep(client: Any, parent: Any) -> Sweep:
     )
     sweep.trials = [trial_of(r) for r in child_runs(client, parent.info.experiment_id, parent.info.run_id)]
     sweep.trials = [t for t in sweep.trials if t.outcome != "lost"]
-    rank(sweep.trials, sweep.objectives)
+    sweep.trials = leaderboard.rank(sweep.trials, sweep.objectives)  # as the parent run's leaderboard ranks them
     return sweep
-
-
-def child_runs(client: Any, experiment_id: str, parent_id: str) -> Iterable[Any]:
-    token = None
-    while True:
-        page = client.search_runs(
-            [experiment_id], filter_string=f"tags.`{PARENT}` = '{parent_id}'", max_results=500, page_token=token
-        )
-        yield from page
-        token = page.token
-        if not token:
-            return
 
 
 def trial_of(run: Any) -> Trial:
@@ -190,26 +180,6 @@ def _decode(value: str) -> Any:
         return json.loads(value)
     except json.JSONDecodeError:
         return value
-
-
-def rank(trials: list[Trial], objectives: Sequence[tuple[str, str]]) -> None:
-    """Finished trials first (by Pareto rank, then the first objective), then the others by the first objective."""
-    metrics = [m for m, _ in objectives]
-    sign = {m: (-1.0 if d == "max" else 1.0) for m, d in objectives}
-
-    def key(t: Trial) -> float:
-        v = t.metrics.get(metrics[0], math.nan)
-        return sign[metrics[0]] * v if math.isfinite(v) else math.inf
-
-    finished = [t for t in trials if t.outcome == "finished" and all(m in t.metrics for m in metrics)]
-    if len(metrics) > 1 and finished:
-        ranks = pareto_ranks([tuple(t.metrics[m] for m in metrics) for t in finished], [d for _, d in objectives])
-        for t, r in zip(finished, ranks, strict=True):
-            t.pareto_rank = r
-    others = [t for t in trials if t not in finished]
-    finished.sort(key=lambda t: (t.pareto_rank or 0, key(t)))
-    others.sort(key=key)
-    trials[:] = finished + others
 
 
 # ---- tables ---------------------------------------------------------------------------------------------------
@@ -300,23 +270,13 @@ def rung_steps(plan: dict[str, Any]) -> list[int]:
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
     """Spearman's rank correlation (average ranks for ties); nan for fewer than 3 pairs or a constant side."""
+    from scipy import stats
+
     if len(a) < 3:
         return math.nan
-    ra, rb = _ranks(a), _ranks(b)
-    if np.std(ra) == 0 or np.std(rb) == 0:
-        return math.nan
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def _ranks(values: Sequence[float]) -> np.ndarray:
-    x = np.asarray(values, dtype=float)
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(1, len(x) + 1)
-    for v in np.unique(x):  # ties share their average rank
-        tied = x == v
-        ranks[tied] = ranks[tied].mean()
-    return ranks
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a constant side: scipy warns and returns nan
+        return float(stats.spearmanr(a, b).statistic)
 
 
 def rung_correlations(client: Any, sweep: Sweep, metric: str) -> list[dict[str, Any]]:
@@ -617,7 +577,7 @@ def confirmation_space(sweep: Sweep, k: int, seeds: int, storage: str | None) ->
     if not sweep.plan:
         raise ConfigError(f"sweep {sweep.name}: its parent run has no space/resolved_plan.json to re-run from")
     plan = json.loads(json.dumps(sweep.plan))
-    ranked = [t for t in sweep.finished]
+    ranked = sweep.finished
     if not ranked:
         raise ConfigError(f"sweep {sweep.name}: no finished trial to confirm yet")
     seed_param = sweep.seed_param or SEED_FIELD

@@ -609,18 +609,7 @@ class MlflowTrialLogger(tune.Callback):
 
 def children(client: MlflowClient, record: SweepRecord) -> Iterator[Any]:
     """Every child run of the sweep, page by page."""
-    token = None
-    while True:
-        page = client.search_runs(
-            [record.experiment_id],
-            filter_string=f"tags.`{PARENT}` = '{record.parent_run_id}'",
-            max_results=500,
-            page_token=token,
-        )
-        yield from page
-        token = page.token
-        if not token:
-            return
+    return leaderboard.child_runs(client, record.experiment_id, record.parent_run_id)
 
 
 def _sampled(item: Any) -> dict[str, str]:

@@ -21,7 +21,8 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from tests.service.test_end_to_end import SWEEP, env
+from tests.service.test_end_to_end import SWEEP, cli, env
+from tests.service.test_report import report_cli
 
 pytestmark = pytest.mark.browser
 
@@ -43,23 +44,9 @@ def server(tmp_path_factory):
         pytest.fail("Chromium is not installed (apt-get install chromium); .ci/run installs it")
     tmp = tmp_path_factory.mktemp("ui")
     (tmp / "space.yaml").write_text(SWEEP)
-    sweep = subprocess.run(
-        [sys.executable, "-m", "service.tune", "--space", "space.yaml"],
-        cwd=tmp,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    sweep = cli(tmp, "--space", "space.yaml", timeout=600)
     assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
-    report = subprocess.run(
-        [sys.executable, "-m", "service.report", "--experiment", "e2e"],
-        cwd=tmp,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    report = report_cli(tmp)
     assert report.returncode == 0, report.stderr[-3000:]
     (link,) = re.findall(r"then open (http://127\.0\.0\.1:5000/\S+)", sweep.stdout)
     port = free_port()

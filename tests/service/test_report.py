@@ -19,7 +19,7 @@ from PIL import Image
 
 from service.figures import TITLES
 
-from .test_end_to_end import SWEEP, env
+from .test_end_to_end import SWEEP, env, start_sweep
 
 K, N = 2, 2
 
@@ -53,14 +53,7 @@ def swept(tmp_path_factory) -> dict:
     """The sweep, a report taken while it ran, and the report with a confirmation stage after it ended."""
     tmp = tmp_path_factory.mktemp("report")
     (tmp / "space.yaml").write_text(SWEEP)
-    sweep = subprocess.Popen(
-        [sys.executable, "-m", "service.tune", "--space", "space.yaml"],
-        cwd=tmp,
-        env=env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    sweep = start_sweep(tmp)
     deadline = time.monotonic() + 300
     while not child_metrics_logged(tmp / "mlflow.db"):
         if sweep.poll() is not None or time.monotonic() > deadline:
