@@ -11,7 +11,6 @@ import functools
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 # ------------------------------------------------------------------------------------------------------------
@@ -28,15 +27,28 @@ def _gather_pixels(x: Tensor, index: Tensor) -> Tensor:
     return out.view(b, c, h, w)
 
 
+def select(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """`torch.where(mask, a, b)` for uint8 images: b + mask (a - b), in uint8's wrapping arithmetic (exact).
+
+    On the CPU, `where` over uint8 runs about 10x slower than these three elementwise kernels.
+
+    Shape: mask bool, a and b uint8, all broadcastable to each other -> uint8.
+    """
+    return b + (a - b) * mask.to(torch.uint8)
+
+
 def _sample(x: Tensor, src_row: Tensor, src_col: Tensor) -> Tensor:
     """out[b, :, i, j] = x[b, :, src_row[b, i, j], src_col[b, i, j]], black (0) where the source is outside.
 
     Shape: x (B, C, H, W); src_row, src_col (B, H, W) int64 -> (B, C, H, W).
     """
-    h, w = x.shape[-2:]
-    inside = (src_row >= 0) & (src_row < h) & (src_col >= 0) & (src_col < w)
-    out = _gather_pixels(x, src_row.clamp(0, h - 1) * w + src_col.clamp(0, w - 1))
-    return torch.where(inside.unsqueeze(1), out, 0)
+    b, c, h, w = x.shape
+    row, col = src_row.clamp(0, h - 1), src_col.clamp(0, w - 1)
+    # a source that clamping moved lies outside: it reads the black pixel appended after each image's pixels
+    index = torch.where((row == src_row) & (col == src_col), row * w + col, h * w)
+    padded = torch.cat([x.reshape(b, c, h * w), x.new_zeros(b, c, 1)], dim=2)
+    out = padded.gather(2, index.reshape(b, 1, h * w).expand(b, c, h * w))
+    return out.view(b, c, h, w)
 
 
 def blend(x: Tensor, degenerate: Tensor, factor: Tensor) -> Tensor:
@@ -90,7 +102,7 @@ def affine_nearest(x: Tensor, coeffs: Tensor) -> Tensor:
     centred = a[:, :, 2] + a[:, :, 0] * 0.5 + a[:, :, 1] * 0.5
     fixed = torch.floor(torch.cat([a[:, :, :2], centred.unsqueeze(2)], dim=2) * 65536.0 + 0.5)
     # integer-valued float64: every product and partial sum is an integer below 2^53, so the matmul is exact
-    src = torch.floor(fixed @ _pixel_grid(h, w, x.device) / 65536.0).long()  # (B, 2, H*W): col, row
+    src = (fixed @ _pixel_grid(h, w, x.device)).long() >> 16  # (B, 2, H*W): col, row; floor(v / 65536)
     return _sample(x, src[:, 1].view(-1, h, w), src[:, 0].view(-1, h, w))
 
 
@@ -154,9 +166,10 @@ def smooth(x: Tensor) -> Tensor:
     Shape: (B, C, H, W) uint8 -> (B, C, H, W) uint8.
     """
     xf = x.float()
-    box = (F.avg_pool2d(xf, 3, stride=1, padding=0) * 9).round_()  # 3x3 sums, integers again after rounding
+    rows = xf[..., :-2, :] + xf[..., 1:-1, :] + xf[..., 2:, :]  # separable 3x3 sum, exact integers in float32
+    weighted = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:] + 4 * xf[..., 1:-1, 1:-1]
     out = x.clone()  # the one-pixel border stays as it is
-    out[..., 1:-1, 1:-1] = ((box + 4 * xf[..., 1:-1, 1:-1] + 6.5) / 13).floor_()
+    out[..., 1:-1, 1:-1] = ((weighted + 6.5) / 13).floor_()
     return out
 
 

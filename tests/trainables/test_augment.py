@@ -108,14 +108,16 @@ def test_rotate_matches_pil_at_any_angle(size):
     np.testing.assert_array_equal(_array(out), _pil_each(images, lambda i, img: img.rotate(angles[i])))
 
 
+@pytest.mark.parametrize("apply_ops", [A.apply_ops, A.apply_ops_grouped])
 @pytest.mark.parametrize("size", SIZES)
-def test_apply_ops_gives_each_image_its_own_op(size):
-    """The fused path (every family over the whole batch, `where` per image) equals PIL image by image when
-    image i gets op i mod 14: 28 images, every op twice, at different levels and signs."""
+def test_apply_ops_gives_each_image_its_own_op(size, apply_ops):
+    """Both batched paths, every family over the whole batch with a per-image pick (`apply_ops`) and each
+    family on its own images (`apply_ops_grouped`), equal PIL image by image when image i gets op i mod 14:
+    28 images, every op twice, at different levels and signs."""
     images = _images(25, *size)
     op = torch.arange(len(images)) % len(A.OP_NAMES)
     level, negate = torch.arange(len(images)) % 9 + 1, torch.arange(len(images)) % 3 == 0
-    out = A.apply_ops(_tensor(images), op, A.op_magnitude(op, level, negate, size))
+    out = apply_ops(_tensor(images), op, A.op_magnitude(op, level, negate, size))
 
     def reference(i, img):
         name = A.OP_NAMES[int(op[i])]
@@ -143,9 +145,7 @@ def test_magnitudes_match_the_reference_tables():
         for i, name in enumerate(A.OP_NAMES):
             level, negate = torch.arange(1, 10).repeat(2), torch.arange(18) >= 9
             ours = A.op_magnitude(torch.full((18,), i), level, negate, size).tolist()
-            ref = [
-                P.reference_magnitude(name, int(v), bool(s), size) for v, s in zip(level, negate, strict=True)
-            ]
+            ref = [P.reference_magnitude(name, int(v), bool(s), size) for v, s in zip(level, negate, strict=True)]
             assert ours == ref, (name, size)
 
     def magnitude(name, level, negate=False, size=(32, 32)):
@@ -227,30 +227,38 @@ def test_cutout_fills_a_clipped_gray_square():
     np.testing.assert_array_equal(_array(out), reference)
 
 
+@pytest.mark.parametrize("grouped", [True, False])
 @pytest.mark.parametrize("size", SIZES)
-def test_strong_view_matches_a_pil_replay(size):
+def test_strong_view_matches_a_pil_replay(size, grouped):
     """The whole strong view (flip-crop, two RandAugment slots, Cutout), its drawn choices replayed image by
-    image through the PIL ops: identical. 40 images, so most ops occur in both slots."""
+    image through the PIL ops: identical, on both batched paths. 40 images, so most ops occur in both slots."""
     images = _images(37, *size)
     params = A.draw_strong(len(images), size, torch.Generator().manual_seed(7))
-    out = A.apply_strong(_tensor(images), params)
+    out = A.apply_strong(_tensor(images), params, grouped=grouped)
     weak, ops = params.weak, params.ops
 
     def replay(i, img):
-        img = P.pil_flip_crop(
-            img, bool(weak.flip[i]), int(weak.offset[i, 0]), int(weak.offset[i, 1]), weak.pad
-        )
+        img = P.pil_flip_crop(img, bool(weak.flip[i]), int(weak.offset[i, 0]), int(weak.offset[i, 1]), weak.pad)
         for slot in range(ops.op.shape[0]):
             if ops.apply[slot, i]:
                 name = A.OP_NAMES[int(ops.op[slot, i])]
-                magnitude = P.reference_magnitude(
-                    name, int(ops.level[slot, i]), bool(ops.negate[slot, i]), size
-                )
+                magnitude = P.reference_magnitude(name, int(ops.level[slot, i]), bool(ops.negate[slot, i]), size)
                 img = P.PIL_OPS[name](img, magnitude)
         return P.pil_cutout(img, int(params.centers[i, 0]), int(params.centers[i, 1]), params.cutout_size)
 
     assert params.cutout_size == int(0.5 * min(size))
     np.testing.assert_array_equal(_array(out), _pil_each(images, replay))
+
+
+@pytest.mark.parametrize("ops", [["identity"] * 3, ["rotate"] * 3, ["equalize", "identity", "identity"], ["color"]])
+def test_grouped_path_with_families_absent(ops):
+    """`apply_ops_grouped` with one family only, none at all, or a single image equals the fused path."""
+    x = _tensor(_images(len(ops) + 3, 16, 16)[: len(ops)])
+    op = torch.tensor([A.OP_NAMES.index(name) for name in ops])
+    magnitude = A.op_magnitude(op, torch.full_like(op, 6), torch.zeros_like(op, dtype=torch.bool), (16, 16))
+    grouped = A.apply_ops_grouped(x, op, magnitude)
+    assert torch.equal(grouped, A.apply_ops(x, op, magnitude))
+    assert ops[0] != "identity" or torch.equal(grouped, x)
 
 
 def test_strong_augment_shapes_dtypes_and_input_checks():
