@@ -331,6 +331,11 @@ class Resources(Frozen):
         default_factory=dict,
         description="Ray custom resources per trial, e.g. {trial_slot: 1} or {'accelerator_type:H100': 0.001}",
     )
+    probe_memory: bool = Field(
+        True,
+        description="with a fractional gpu, measure a trial's peak GPU memory with a short probe before the sweep "
+        "and refuse a packing that does not fit (service/packing.py)",
+    )
 
     @field_validator("gpu")
     @classmethod
@@ -351,7 +356,7 @@ class Resources(Frozen):
 
     def tune_request(self) -> dict[str, float]:
         """`tune.with_resources`' spelling: cpu, gpu, memory (bytes) and the custom resources."""
-        request = {"cpu": self.cpu, "gpu": self.gpu, **self.custom}
+        request: dict[str, float] = {"cpu": self.cpu, "gpu": self.gpu, **self.custom}
         if self.memory_gb is not None:
             request["memory"] = self.memory_gb * 2**30
         return request

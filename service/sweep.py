@@ -29,7 +29,7 @@ from mlflow import MlflowClient
 from mlflow.entities import RunTag
 from ray import tune
 
-from service import cluster, secrets
+from service import cluster, packing, secrets
 from service.console import TrialEvents
 from service.leaderboard import SHARED_VIEW, view_state
 from service.plan import Plan, anchor_paths
@@ -62,7 +62,8 @@ from trainables.ray_trainable import SERVICE_KEY, STORAGE_REFUSED, run_trial, st
 
 RECORD_FILE = "service_plan.json"
 #: the plan's fields a --resume may change: the budget (more trials, more time), not the question
-EXTENSIBLE = ("search.num_trials", "search.time_budget_s")
+# a resume may change these; resources.probe_memory only decides a check made before the trials start
+EXTENSIBLE = ("search.num_trials", "search.time_budget_s", "resources.probe_memory")
 TUNE_STATE = "tuner.pkl"  # what Tuner.restore reads first
 PROJECT_ROOT = cluster.PROJECT_ROOT
 INTERRUPTED = 130  # exit status of a sweep stopped by Ctrl-C (the shell's convention for SIGINT)
@@ -128,7 +129,7 @@ def preflight(plan: Plan, resume: bool) -> dict[str, Any] | None:
         raise ConfigError(
             f"{plan.source}: --resume continues the sweep as it was planned, but the plan changed:\n"
             + "\n".join(f"  {path}: {old!r} when the sweep started, {new!r} now" for path, old, new in fixed)
-            + "\n(a resume may only raise search.num_trials and change search.time_budget_s)"
+            + "\n(a resume may only raise search.num_trials and change search.time_budget_s and resources.probe_memory)"
         )
     planned = stored["frozen"]["search"]["num_trials"]
     if plan.num_trials < planned:
@@ -714,10 +715,14 @@ def _stop_gracefully(signum: int, frame: Any) -> None:
 
 
 def prepare_cluster(plan: Plan, remote: bool) -> None:
-    """Before anything is written: a node must hold a trial, a local storage path must be shared by every node,
-    and every node that may run a trial must have the data set. Raises ConfigError naming the nodes."""
+    """Before anything is written: a node must hold a trial, trials packed on one GPU must fit its memory (a short
+    probe), a local storage path must be shared by every node, and every node that may run a trial must have the
+    data set. Raises ConfigError naming the nodes."""
     nodes = cluster.alive_nodes(ray.nodes())
     able = cluster.check_fit(plan.spec.resources.ray_request(), nodes, str(plan.source))
+    probed = packing.check_packing(plan)
+    if probed:
+        print(f"[sweep] {packing.describe(probed, plan.spec.resources.gpu)}", flush=True)
     if not plan.storage.remote:
         cluster.check_shared_storage(Path(plan.storage.uri), nodes, str(plan.source))
     runs = [anchor_paths(plan.base_config(p).model_dump(mode="json"), plan.launch_dir) for p in plan.presets]

@@ -183,6 +183,13 @@ class Run:
         x_lb = self.prep(weak_augment(x_lb_u8, self.aug_gen, self.crop_pad))
         x_ulb_w = self.prep(weak_augment(x_ulb_u8, self.aug_gen, self.crop_pad))
         x_ulb_s = self.prep(strong_augment(x_ulb_u8, self.aug_gen, cutout=self.cutout_px, pad=self.crop_pad))
+        self.learn(x_lb, y_lb, x_ulb_w, x_ulb_s, idx_ulb, window)
+
+    def learn(self, x_lb: Tensor, y_lb: Tensor, x_ulb_w: Tensor, x_ulb_s: Tensor, idx_ulb: Tensor, window: Window):
+        """The step's learning on prepared views (normalised float, on the device): the DASO queue, one forward,
+        the losses, SGD, EMA, the method's observations. `train_step` feeds it; so does the benchmark's
+        reference-style pipeline, whose views come from a DataLoader."""
+        step, t, method = self.step, self.cfg.train, self.method
         b, u = len(x_lb), len(x_ulb_w)
 
         if method.pseudo_label.needs_ema_labeled_features:

@@ -38,6 +38,20 @@ NO_METRICS = (NOT_RETRIED, STORAGE_REFUSED)  # result keys that come without met
 STORAGE_ERRORS = {errno.ENOSPC: "full", errno.EDQUOT: "over quota", errno.EROFS: "read-only"}
 
 
+def cap_gpu_memory() -> float | None:
+    """Cap this process's CUDA allocations at the GPU share Ray gave the trial (e.g. 0.25 of the device's memory
+    when four trials share a GPU), so that a trial outgrowing its share fails alone with an out-of-memory error
+    rather than starving the trials beside it. Returns the share set, or None (a whole GPU, or none)."""
+    import ray
+    import torch
+
+    share = ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0)
+    if not 0 < share < 1 or not torch.cuda.is_available():
+        return None
+    torch.cuda.set_per_process_memory_fraction(share)
+    return share
+
+
 def run_trial(config: dict[str, Any]) -> None:
     """The function trainable given to `tune.Tuner`."""
     # imported in the worker: the driver, which imports this module for its constants, never needs torch
@@ -54,6 +68,7 @@ def run_trial(config: dict[str, Any]) -> None:
     try:
         run = {k: v for k, v in config.items() if k != SERVICE_KEY}
         cfg: RunConfig = validate(RunConfig, run, source=f"trial {context.get_trial_id()} config")
+        cap_gpu_memory()
         out_dir = Path(context.get_trial_dir()) / "run"
         restored = tune.get_checkpoint()
         if restored is not None:

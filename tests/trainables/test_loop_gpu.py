@@ -37,3 +37,88 @@ def test_cuda_defaults_and_resume(tmp_path):
         train(cfg, tmp_path / "cut", report=kill, progress=False, data=random_data())
     resumed = train(cfg, tmp_path / "cut", resume=True, progress=False, data=random_data())
     assert resumed["step"] == full["step"] == 20
+
+
+DETERMINISTIC = [*CUDA, "train.deterministic=true"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_resume_on_cuda_continues_the_same_run(tmp_path):
+    """Stopped at step 10 and resumed, a deterministic CUDA run ends with the same weights, EMA weights and
+    metrics as the uninterrupted run (values, not only the step). bench/gpu_check.sh sets
+    CUBLAS_WORKSPACE_CONFIG so that cuBLAS is deterministic too."""
+    from trainables import checkpoint
+
+    cfg = load_config(None, DETERMINISTIC)
+    full = train(cfg, tmp_path / "full", progress=False, data=random_data())
+
+    class Killed(Exception):
+        pass
+
+    def kill(metrics, ckpt):
+        if metrics["step"] == 10:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(cfg, tmp_path / "cut", report=kill, progress=False, data=random_data())
+    resumed = train(cfg, tmp_path / "cut", resume=True, progress=False, data=random_data())
+    timing = {"train/it_per_s"}
+    assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in full.items() if k not in timing}
+    a, b = checkpoint.load(tmp_path / "full" / "checkpoint"), checkpoint.load(tmp_path / "cut" / "checkpoint")
+    for key in ("model", "ema"):
+        sa, sb = a[key], b[key]
+        sa, sb = sa.get("module", sa), sb.get("module", sb)
+        for name, tensor in sa.items():
+            assert torch.equal(tensor, sb[name]), f"{key}.{name} differs after resume"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_step_never_waits_for_the_gpu():
+    """Once warm (op tables on the device, DASO past its warm-up, DRw's weights set), a training step issues no
+    host-device synchronisation: CUDA's sync debug mode raises on one (`.item()`, a D2H copy, `nonzero`)."""
+    from trainables.evaluate import Window
+    from trainables.loop import Run
+
+    cfg = load_config(None, [*CUDA, "method.daso.warmup=0", "method.drw.start=0"])
+    run = Run(cfg, random_data(), resolve_runtime(cfg))
+    run.model.train()
+    window = Window()
+    for _ in range(3):
+        run.train_step(window)
+    torch.cuda.synchronize()
+    steps = [s for s in range(run.step, run.step + 6) if not run.method.unlabeled_weighting.wants_pass(s)]
+    assert len(steps) >= 3
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in steps:
+            run.step = step
+            run.train_step(window)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+BAND = [
+    "data.synthetic.num_classes=4", "data.synthetic.image_size=16", "data.synthetic.pool_per_class=400",
+    "data.synthetic.test_per_class=100", "data.n1=200", "data.m1=150", "data.gamma_l=4", "model.depth=10",
+    "model.widen=1", "model.bn_momentum=0.1", "train.ema_decay=0.9", "optim.lr=0.1", "train.iterations=500",
+    "train.eval_every=250", "train.batch_size=32", "train.mu=1", "train.device=cuda",
+]  # fmt: skip
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_lands_in_the_fp32_accuracy_band(tmp_path):
+    """The short synthetic run of tests/trainables/test_learning.py on CUDA, three seeds each in bf16 and fp32:
+    both beat chance clearly and the bf16 mean lies within 2 fp32 standard deviations (at least 3 points) of
+    the fp32 mean."""
+    import statistics
+
+    accuracy: dict[str, list[float]] = {"bf16": [], "fp32": []}
+    for precision in accuracy:
+        for seed in (0, 1, 2):
+            cfg = load_config(None, [*BAND, f"train.precision={precision}", f"train.seed={seed}"])
+            final = train(cfg, tmp_path / f"{precision}-{seed}", progress=False)
+            accuracy[precision].append(final["test/balanced_acc"])
+    fp32, bf16 = accuracy["fp32"], accuracy["bf16"]
+    assert min(fp32) > 0.40 and min(bf16) > 0.40, accuracy
+    band = max(2 * statistics.stdev(fp32), 0.03)
+    assert abs(statistics.mean(bf16) - statistics.mean(fp32)) <= band, accuracy

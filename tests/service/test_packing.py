@@ -1,0 +1,100 @@
+"""Packing trials on one GPU: the fit rule, the heaviest configuration the probe takes, and the refusal before a
+sweep starts (service/packing.py). The probe itself runs on a GPU (tests/trainables/test_probe_gpu.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from service import packing
+from service.plan import load_plan
+from trainables.config import ConfigError
+
+GIB = 2**30
+H200 = 143_771 * 2**20  # what an H200 reports
+
+PACKED = """
+experiment: packed
+base:
+  data: {dataset: synthetic, n1: 100, m1: 200, synthetic: {num_classes: 10, pool_per_class: 400}}
+  model: {depth: 10, widen: 1}
+  train: {iterations: 60, eval_every: 20, batch_size: 16}
+space:
+  method.preset: {type: categorical, values: [fixmatch, fixmatch_daso]}
+  train.batch_size: {type: categorical, values: [32, 128, 64]}
+  model.widen: {type: int, low: 1, high: 4}
+  method.daso.queue_len: {type: int, low: 128, high: 512, presets: [fixmatch_daso]}
+  optim.lr: {type: loguniform, low: 0.01, high: 0.1}
+resources: {cpu: 1, gpu: 0.25}
+search: {num_trials: 4, metric: val/balanced_acc, mode: max}
+"""
+
+
+def test_fit_rule_by_hand():
+    # 4 per GPU, cap 35.1 GiB each: 30 GiB * 1.1 = 33 GiB fits, 4 * (33 + 1) = 136 <= 140.4
+    assert packing.packing_problem(0.25, 30 * GIB, H200) is None
+    # 32 GiB * 1.1 = 35.2 GiB is over the 35.1 GiB cap; 140.4 / 36.2 -> 3 per GPU
+    problem = packing.packing_problem(0.25, 32 * GIB, H200)
+    assert "packs 4 trials on each GPU" in problem and "capped at 35.1 GiB" in problem
+    assert "peaked at 32.00 GiB" in problem and "resources.gpu: 0.3333 (3 per GPU) fits" in problem
+    # 1/3 of a GPU places 3 trials (not 2 through rounding)
+    assert packing.per_gpu(1 / 3) == 3 and packing.per_gpu(0.5) == 2 and packing.per_gpu(0.3) == 3
+    # the contexts count: 10 trials of 12 GiB (13.2 with headroom) fit their 14.0 GiB caps but not the GPU
+    assert "1 GiB per process" in packing.packing_problem(0.1, 12 * GIB, H200)
+    assert "not even one trial" in packing.packing_problem(0.5, 200 * GIB, H200)
+
+
+def test_heaviest_runs_take_the_largest_memory_values(write_space, tmp_path):
+    plan = load_plan(write_space(PACKED), launch_dir=tmp_path)
+    runs = packing.heaviest_runs(plan)
+    assert set(runs) == {"fixmatch", "fixmatch_daso"}
+    for preset, run in runs.items():
+        assert run["train"]["batch_size"] == 128 and run["model"]["widen"] == 4
+        assert run["method"]["preset"] == preset
+        assert run["optim"]["lr"] == 0.03  # not a memory field: the default, not the range's end (0.1)
+    assert runs["fixmatch_daso"]["method"]["daso"]["queue_len"] == 512
+    assert runs["fixmatch"]["method"]["daso"] is None
+    assert runs["fixmatch"]["data"]["root"].startswith(str(tmp_path))  # anchored for trials on other nodes
+
+
+def test_check_packing_refuses_naming_the_share_and_the_probe(write_space, tmp_path):
+    plan = load_plan(write_space(PACKED), launch_dir=tmp_path)
+    fits = {"fixmatch": {"peak_bytes": 8 * GIB, "total_bytes": H200, "device": "NVIDIA H200"}}
+    assert packing.check_packing(plan, measure=lambda p: fits) == fits
+    assert "4 trials per GPU (NVIDIA H200, 140.4 GiB)" in packing.describe(fits, 0.25)
+    too_big = {**fits, "fixmatch_daso": {"peak_bytes": 40 * GIB, "total_bytes": H200, "device": "NVIDIA H200"}}
+    with pytest.raises(ConfigError) as err:
+        packing.check_packing(plan, measure=lambda p: too_big)
+    message = str(err.value)
+    assert str(plan.source) in message and "resources.gpu: 0.25 packs 4 trials" in message
+    assert "preset fixmatch_daso on NVIDIA H200" in message and '"train.batch_size": 128' in message
+
+    def broken(p):
+        raise RuntimeError("the memory probe needs a CUDA device; none is visible to this process")
+
+    with pytest.raises(ConfigError, match="probe that checks they fit failed: the memory probe needs a CUDA"):
+        packing.check_packing(plan, measure=broken)
+
+
+@pytest.mark.parametrize("resources", ["{cpu: 1, gpu: 0}", "{gpu: 1}", "{cpu: 1, gpu: 0.5, probe_memory: false}"])
+def test_no_probe_without_packing(write_space, tmp_path, resources):
+    plan = load_plan(write_space(PACKED.replace("{cpu: 1, gpu: 0.25}", resources)), launch_dir=tmp_path)
+
+    def never(p):
+        raise AssertionError("probed")
+
+    assert packing.check_packing(plan, measure=never) is None
+
+
+@pytest.mark.slow
+def test_probe_runs_as_a_ray_task_placed_like_a_trial(write_space, tmp_path):
+    """A real local Ray with one (declared) GPU: the probe task asks for the trial's 0.25 GPU and runs there; on
+    this machine it finds no CUDA device, and the refusal says so before any trial starts."""
+    import ray
+
+    plan = load_plan(write_space(PACKED), launch_dir=tmp_path)
+    ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        with pytest.raises(ConfigError, match="probe that checks they fit failed: .*the memory probe needs a CUDA"):
+            packing.check_packing(plan)
+    finally:
+        ray.shutdown()
