@@ -3,7 +3,7 @@
     python -m trainables.bench [--suite augment,step,reference,packing] [--device auto|cpu|cuda] [--out DIR]
                                [--preset fixmatch_daso] [--depth 28 --widen 2] [--batch-size 64 --mu 2]
                                [--steps 30] [--variants fp32,bf16,bf16+cl,bf16+cl+compile] [--workers 4]
-                               [--pack 1,2,4]
+                               [--pack 1,2,4 --pack-variant bf16+cl]
 
 Suites (each prints its figures; `--out` also writes them all to DIR/bench.json):
   augment    the strong view of B * mu images: the batched path on the device (and, on the CPU, the fixed-shape
@@ -273,9 +273,7 @@ def bench_reference(base: list[str], steps: int, warmup: int, workers: int) -> d
     def one_step(window: Window) -> None:
         x_lb, i_lb = next(lb)
         x_w, x_s, i_ulb = next(ulb)
-        run.learn(
-            x_lb.to(device), y_all[i_lb].to(device), x_w.to(device), x_s.to(device), i_ulb, window
-        )
+        run.learn(x_lb.to(device), y_all[i_lb].to(device), x_w.to(device), x_s.to(device), i_ulb, window)
         run.step += 1
 
     run.model.train()
@@ -365,6 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="reference DataLoader workers")
     ap.add_argument("--pack", default="1,2,4", help="process counts for the packing suite; the first is the base")
     ap.add_argument("--pack-seconds", type=float, default=20.0)
+    ap.add_argument("--pack-variant", default="bf16+cl", choices=list(VARIANTS), help="what each packed process runs")
     args = ap.parse_args(argv)
     suites = args.suite.split(",")
     for name in suites:
@@ -445,8 +444,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(line + f"  peak {r['peak_gib']:.2f} GiB", flush=True)
 
     if "packing" in suites:
-        report["packing"] = bench_packing(base + VARIANTS[variants[-1]], pack, args.pack_seconds, args.warmup)
-        print(f"packing ({variants[-1]}), processes sharing one {device.type} device:")
+        variant = args.pack_variant
+        report["packing"] = bench_packing(base + VARIANTS[variant], pack, args.pack_seconds, args.warmup)
+        print(f"packing ({variant}), processes sharing one {device.type} device:")
         for n, row in report["packing"].items():
             print(
                 f"  {n} process(es): {row['aggregate_it_s']:8.2f} it/s aggregate ({row['vs_first']:.2f}x of"

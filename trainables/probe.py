@@ -21,6 +21,18 @@ from trainables.evaluate import Window
 from trainables.loop import Run, resolve_runtime
 
 
+def probe_config(run: dict[str, Any] | RunConfig, steps: int) -> RunConfig:
+    """`run` on CUDA for `steps` iterations, DASO's semantic pseudo-label and DRw's pass active from step 0."""
+    cfg = run if isinstance(run, RunConfig) else RunConfig.model_validate(run)
+    dump = cfg.model_dump()
+    dump["train"].update(device="cuda", iterations=max(steps, 1))
+    if dump["method"].get("daso"):
+        dump["method"]["daso"]["warmup"] = 0
+    if dump["method"].get("drw"):
+        dump["method"]["drw"]["start"] = 0
+    return RunConfig.model_validate(dump)
+
+
 def peak_memory(run: dict[str, Any] | RunConfig, steps: int = 3) -> dict[str, Any]:
     """Peak GPU memory of the training configuration `run`: `steps` training steps with every method component
     active (DASO past its warm-up, DRw's pseudo-label pass) and one evaluation of the validation and test sets.
@@ -30,14 +42,7 @@ def peak_memory(run: dict[str, Any] | RunConfig, steps: int = 3) -> dict[str, An
     """
     if not torch.cuda.is_available():
         raise RuntimeError("the memory probe needs a CUDA device; none is visible to this process")
-    cfg = run if isinstance(run, RunConfig) else RunConfig.model_validate(run)
-    dump = cfg.model_dump()
-    dump["train"].update(device="cuda", iterations=max(steps, 1))
-    if dump["method"].get("daso"):
-        dump["method"]["daso"]["warmup"] = 0
-    if dump["method"].get("drw"):
-        dump["method"]["drw"]["start"] = 0
-    cfg = RunConfig.model_validate(dump)
+    cfg = probe_config(run, steps)
     device = torch.device("cuda")
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)

@@ -98,3 +98,21 @@ def test_probe_runs_as_a_ray_task_placed_like_a_trial(write_space, tmp_path):
             packing.check_packing(plan)
     finally:
         ray.shutdown()
+
+
+def test_probe_configuration_turns_every_component_on(write_space, tmp_path):
+    from trainables.probe import probe_config
+
+    plan = load_plan(write_space(PACKED.replace("fixmatch_daso]", "fixmatch_daso_drw]")), launch_dir=tmp_path)
+    run = packing.heaviest_runs(plan)["fixmatch_daso_drw"]
+    cfg = probe_config(run, steps=3)
+    assert cfg.train.device == "cuda" and cfg.train.iterations == 3 and cfg.train.batch_size == 128
+    assert cfg.method.daso.warmup == 0 and cfg.method.drw.start == 0
+    assert probe_config(packing.heaviest_runs(plan)["fixmatch"], 3).method.daso is None
+
+
+def test_probe_refuses_without_cuda():
+    from trainables.probe import peak_memory
+
+    with pytest.raises(RuntimeError, match="needs a CUDA device"):  # this machine has none
+        peak_memory({"model": {"depth": 10, "widen": 1}})

@@ -108,8 +108,9 @@ BAND = [
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bf16_lands_in_the_fp32_accuracy_band(tmp_path):
     """The short synthetic run of tests/trainables/test_learning.py on CUDA, three seeds each in bf16 and fp32:
-    both beat chance clearly and the bf16 mean lies within 2 fp32 standard deviations (at least 3 points) of
-    the fp32 mean."""
+    both beat chance (25 %) clearly, and the bf16 mean lies inside the range of the fp32 seeds widened by 0.05 on
+    each side, two binomial standard errors of an accuracy near 0.55 on the 400 test images. (On the CPU, two
+    seeds of each gave bf16 0.592, 0.580 and fp32 0.533, 0.575.)"""
     import statistics
 
     accuracy: dict[str, list[float]] = {"bf16": [], "fp32": []}
@@ -120,5 +121,4 @@ def test_bf16_lands_in_the_fp32_accuracy_band(tmp_path):
             accuracy[precision].append(final["test/balanced_acc"])
     fp32, bf16 = accuracy["fp32"], accuracy["bf16"]
     assert min(fp32) > 0.40 and min(bf16) > 0.40, accuracy
-    band = max(2 * statistics.stdev(fp32), 0.03)
-    assert abs(statistics.mean(bf16) - statistics.mean(fp32)) <= band, accuracy
+    assert min(fp32) - 0.05 <= statistics.mean(bf16) <= max(fp32) + 0.05, accuracy
