@@ -79,10 +79,15 @@ def reset_peak(device: torch.device) -> None:
 
 
 def peak_memory_gib(device: torch.device) -> float:
-    """The CUDA caching allocator's peak reservation; on the CPU, the process's peak resident set so far."""
+    """The CUDA caching allocator's peak reservation; on the CPU, the process's peak resident set so far (Linux's
+    VmHWM, which starts afresh in a spawned process, unlike ru_maxrss, which execve keeps)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_reserved(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 2**20
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def timed_rate(fn: Callable[[], int], device: torch.device, seconds: float) -> float:
