@@ -45,8 +45,13 @@ def cap_gpu_memory() -> float | None:
     import ray
     import torch
 
-    share = ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0)
-    if not 0 < share < 1 or not torch.cuda.is_available():
+    if not torch.cuda.is_available() or not ray.is_initialized():
+        return None
+    context = ray.get_runtime_context()
+    if context.worker.mode != ray.WORKER_MODE:  # run_trial called in a driver (tests): no share was assigned
+        return None
+    share = context.get_assigned_resources().get("GPU", 0.0)
+    if not 0 < share < 1:
         return None
     torch.cuda.set_per_process_memory_fraction(share)
     return share

@@ -86,7 +86,7 @@ def test_no_probe_without_packing(write_space, tmp_path, resources):
 
 
 @pytest.mark.slow
-def test_probe_runs_as_a_ray_task_placed_like_a_trial(write_space, tmp_path):
+def test_probe_runs_as_a_ray_task_placed_like_a_trial(write_space, tmp_path, monkeypatch):
     """A real local Ray with one (declared) GPU: the probe task asks for the trial's 0.25 GPU and runs there; on
     this machine it finds no CUDA device, and the refusal says so before any trial starts."""
     import ray
@@ -96,8 +96,27 @@ def test_probe_runs_as_a_ray_task_placed_like_a_trial(write_space, tmp_path):
     try:
         with pytest.raises(ConfigError, match="probe that checks they fit failed: .*the memory probe needs a CUDA"):
             packing.check_packing(plan)
+        # a trial's process caps its CUDA memory at the share Ray assigned it (CUDA stood in for: none here)
+        caps = ray.get(ray.remote(_cap_with_stand_in_cuda).options(num_cpus=0.5, num_gpus=0.25).remote())
+        assert caps == (0.25, [0.25])
+        whole = ray.get(ray.remote(_cap_with_stand_in_cuda).options(num_cpus=0.5, num_gpus=1).remote())
+        assert whole == (None, [])
     finally:
         ray.shutdown()
+    assert _cap_with_stand_in_cuda(monkeypatch.setattr) == (None, [])  # in the driver: no share, no cap
+
+
+def _cap_with_stand_in_cuda(setattr_=setattr):
+    """cap_gpu_memory with torch.cuda's availability and memory cap stood in for (in a Ray worker, which ends
+    with the test's Ray; in the driver through monkeypatch)."""
+    import torch
+
+    from trainables.ray_trainable import cap_gpu_memory
+
+    fractions = []
+    setattr_(torch.cuda, "is_available", lambda: True)
+    setattr_(torch.cuda, "set_per_process_memory_fraction", lambda fraction, device=None: fractions.append(fraction))
+    return cap_gpu_memory(), fractions
 
 
 def test_probe_configuration_turns_every_component_on(write_space, tmp_path):
