@@ -279,7 +279,6 @@ def bench_reference(base: list[str], steps: int, warmup: int, workers: int) -> d
         x_lb, i_lb = next(lb)
         x_w, x_s, i_ulb = next(ulb)
         run.learn(x_lb.to(device), y_all[i_lb].to(device), x_w.to(device), x_s.to(device), i_ulb, window)
-        run.step += 1
 
     run.model.train()
     for _ in range(warmup):
