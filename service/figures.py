@@ -191,8 +191,9 @@ def pseudo_label_counts(client: Any, sweep: Sweep, names: list[str], folder: Pat
     if "pl/imbalance_ratio" not in best.metrics or count == 0:
         return []
     per_preset: dict[str, Trial] = {}
-    for t in sweep.finished:  # ranked: the first of each preset is its best
-        per_preset.setdefault(t.preset, t)
+    for t in sweep.finished:  # ranked: the first of each preset is its best; labeled-only presets have none
+        if "pl/imbalance_ratio" in t.metrics:
+            per_preset.setdefault(t.preset, t)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4))
     for preset, t in per_preset.items():
         steps, values = _history(client, t.run_id, "pl/imbalance_ratio")

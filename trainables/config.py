@@ -34,6 +34,8 @@ PresetName = Literal[
     "fixmatch_la_daso",
     "fixmatch_la_drw",
     "fixmatch_daso_drw",
+    "supervised",
+    "supervised_la",
 ]
 PseudoLabelName = Literal["none", "daso"]
 LabeledLossName = Literal["none", "class_balanced", "logit_adjustment"]
@@ -48,7 +50,12 @@ PRESETS: dict[str, tuple[PseudoLabelName, LabeledLossName, UnlabeledWeightName]]
     "fixmatch_la_daso": ("daso", "logit_adjustment", "none"),
     "fixmatch_la_drw": ("none", "logit_adjustment", "drw"),
     "fixmatch_daso_drw": ("daso", "class_balanced", "drw"),
+    "supervised": ("none", "none", "none"),
+    "supervised_la": ("none", "logit_adjustment", "none"),
 }
+#: presets trained on the labeled set alone (the papers' first rows): no unlabeled forward, no pseudo-labels, and
+#: evaluated on the trained model itself, as the DASO reference's `Supervised` algorithm evaluates (no EMA)
+LABELED_ONLY = frozenset({"supervised", "supervised_la"})
 
 
 class SyntheticConfig(Frozen):
@@ -227,10 +234,26 @@ class OptimConfig(Frozen):
     weight_decay_on: Literal["weights", "all"] = Field(
         "weights", description="weights: conv and linear weights only (FixMatch); all: every parameter (DASO reference)"
     )
-    schedule: Literal["constant", "cosine"] = Field(
-        "constant", description="constant (DASO reference) or FixMatch's lr * cos(7 pi k / (16 K))"
+    schedule: Literal["constant", "cosine", "multistep"] = Field(
+        "constant",
+        description="constant (DASO reference), FixMatch's lr * cos(7 pi k / (16 K)), or multistep: lr * gamma^(number "
+        "of milestones passed) after a linear warm-up (the DASO reference's supervised baselines)",
     )
     cosine_fraction: float = Field(7 / 16, gt=0, le=0.5, description="the 7/16 of FixMatch's cosine")
+    milestones: list[float] = Field(
+        [0.8, 0.9], description="multistep: fractions of train.iterations at which the lr is multiplied by gamma"
+    )
+    gamma: float = Field(0.01, gt=0, le=1, description="multistep: the factor at each milestone")
+    warmup: float = Field(
+        0.0, ge=0, lt=1, description="multistep: fraction of train.iterations of linear warm-up from lr 0"
+    )
+
+    @field_validator("milestones")
+    @classmethod
+    def _milestones(cls, value: list[float]) -> list[float]:
+        if any(not 0 < m <= 1 for m in value) or value != sorted(value):
+            raise ValueError(f"{value}: milestones are increasing fractions of train.iterations in (0, 1]")
+        return value
 
 
 class TrainConfig(Frozen):
@@ -366,6 +389,10 @@ class MethodConfig(Frozen):
     @property
     def components(self) -> tuple[PseudoLabelName, LabeledLossName, UnlabeledWeightName]:
         return PRESETS[self.preset]
+
+    @property
+    def labeled_only(self) -> bool:
+        return self.preset in LABELED_ONLY
 
 
 METHOD_BLOCKS = ("daso", "drw", "la")  # MethodConfig's parameter blocks

@@ -63,6 +63,13 @@ class Window:
         for key, value in diag.items():
             self.diagnostics.setdefault(key, []).append(value)
 
+    def add_losses(self, losses: dict[str, Tensor]) -> None:
+        """A step without unlabeled data (labeled-only methods): only its losses."""
+        self.steps += 1
+        for key, value in losses.items():
+            value = value.detach()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+
     def summarise(
         self, unlabeled_truth: np.ndarray | None, num_classes: int, groups: dict[str, np.ndarray]
     ) -> dict[str, float]:
@@ -71,6 +78,8 @@ class Window:
         if self.steps == 0:
             return {}
         out = {f"train/{key}": float(value) / self.steps for key, value in self.sums.items()}
+        if not self.indices:  # a labeled-only method: no pseudo-labels to measure
+            return out
         idx = torch.cat(self.indices).numpy()
         truth = None if unlabeled_truth is None else unlabeled_truth[idx]
         mask = torch.cat(self.mask).cpu().numpy()

@@ -13,6 +13,7 @@ EMA model. Everything that affects the result is checkpointed as one unit and re
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import random
@@ -51,10 +52,20 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def lr_at(step: int, total: int, cfg: OptimConfig) -> float:
-    """Constant, or FixMatch's cosine: lr * cos(7 pi k / (16 K)) for k = step, K = total iterations."""
+    """The learning rate of step k = `step` (0-based) of K = `total`:
+    - constant: lr;
+    - cosine (FixMatch): lr * cos(7 pi k / (16 K));
+    - multistep (the DASO reference's WarmupMultiStepLR, stepped once per iteration): lr * w(k) * gamma^n, with n
+      the milestones int(m K) <= k and the linear warm-up w(k) = k / W below W = int(warmup K), else 1.
+    """
     if cfg.schedule == "constant":
         return cfg.lr
-    return cfg.lr * math.cos(math.pi * cfg.cosine_fraction * step / total)
+    if cfg.schedule == "cosine":
+        return cfg.lr * math.cos(math.pi * cfg.cosine_fraction * step / total)
+    warmup_steps = int(cfg.warmup * total)
+    factor = step / warmup_steps if step < warmup_steps else 1.0
+    passed = bisect.bisect_right([int(m * total) for m in cfg.milestones], step)
+    return cfg.lr * factor * cfg.gamma**passed
 
 
 @dataclass
@@ -177,6 +188,9 @@ class Run:
             mask, pseudo_label = fixmatch_mask(probs, t.tau)
             method.unlabeled_weighting.observe_pass(pseudo_label.to(self.rt.device), mask.to(self.rt.device), step)
 
+        if method.labeled_only:
+            self.learn_labeled(window)
+            return
         idx_lb, idx_ulb = self.lb_stream.indices(step), self.ulb_stream.indices(step)
         x_lb_u8, x_ulb_u8 = self.lb_store.gather(idx_lb), self.ulb_store.gather(idx_ulb)
         y_lb = self.y_lb[idx_lb.to(self.rt.device)]
@@ -210,19 +224,34 @@ class Run:
         loss_u = unlabeled_ce(logits_x_ulb_s, pseudo_label, mask, method.unlabeled_weighting.class_weights(step))
         loss = loss_x + t.lambda_u * loss_u + pl.loss
 
-        lr = lr_at(step, t.iterations, self.cfg.optim)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.ema.update(self.model)
+        self._sgd_step(loss)
 
         method.pseudo_label.observe(pseudo_label, step)
         method.unlabeled_weighting.observe(pseudo_label, mask, step)
         losses = {"loss": loss, "loss_x": loss_x, "loss_u": loss_u, **pl.logs}
         window.add(losses, idx_ulb, pseudo_label, mask, pl.diagnostics)
         self.step += 1
+
+    def learn_labeled(self, window: Window) -> None:
+        """A labeled-only step (supervised baselines): the weak labeled view, the labeled loss, SGD, EMA."""
+        idx_lb = self.lb_stream.indices(self.step)
+        y_lb = self.y_lb[idx_lb.to(self.rt.device)]
+        x_lb = self.prep(weak_augment(self.lb_store.gather(idx_lb), self.aug_gen, self.crop_pad))
+        with self.rt.autocast():
+            _, logits = self.forward(x_lb)
+        loss = self.method.labeled_loss(logits.float(), y_lb)
+        self._sgd_step(loss)
+        window.add_losses({"loss": loss, "loss_x": loss})
+        self.step += 1
+
+    def _sgd_step(self, loss: Tensor) -> None:
+        lr = lr_at(self.step, self.cfg.train.iterations, self.cfg.optim)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.ema.update(self.model)
 
     @torch.no_grad()
     def ema_labeled_features(self, x_lb: Tensor) -> Tensor:
@@ -256,6 +285,19 @@ class Run:
         with self.rt.autocast():
             return self.ema.module(x)
 
+    def eval_logits(self, x: Tensor) -> Tensor:
+        """The evaluated model's logits: the EMA model's, or (labeled-only methods) the trained model's in eval
+        mode, as the reference evaluates its supervised baselines."""
+        if not self.method.labeled_only:
+            return self.ema_logits(x)
+        training = self.model.training
+        self.model.eval()
+        try:
+            with self.rt.autocast():
+                return self.model(x)
+        finally:
+            self.model.train(training)
+
     def evaluate(self) -> tuple[dict[str, float], dict[str, Tensor]]:
         logits = {}
         out: dict[str, float] = {}
@@ -266,7 +308,7 @@ class Run:
         ):
             if len(store) == 0:
                 continue
-            logits[prefix] = predict_logits(self.ema_logits, store, self.prep, self.cfg.train.eval_batch_size)
+            logits[prefix] = predict_logits(self.eval_logits, store, self.prep, self.cfg.train.eval_batch_size)
             out.update(split_metrics(prefix, logits[prefix], labels, C, self.groups, self.log_prior, tau))
         out.update(self.history.update(out))
         return out, logits

@@ -80,4 +80,5 @@ def build_method(cfg: MethodConfig, ctx: MethodContext) -> Method:
         pseudo_label=PSEUDO_LABEL[pseudo](cfg, ctx),
         labeled_loss=LABELED_LOSS[labeled](cfg, ctx),
         unlabeled_weighting=UNLABELED_WEIGHTING[unlabeled](cfg, ctx),
+        labeled_only=cfg.labeled_only,
     )

@@ -143,6 +143,9 @@ class Method:
     pseudo_label: PseudoLabelTransform
     labeled_loss: LabeledLoss
     unlabeled_weighting: UnlabeledWeighting
+    #: trains on the labeled set alone (supervised baselines): the loop skips the unlabeled views, the pseudo-labels
+    #: and the unlabeled loss, and evaluates the trained model rather than its EMA
+    labeled_only: bool = False
 
     def metrics(self) -> dict[str, Tensor]:
         return {**self.pseudo_label.metrics(), **self.unlabeled_weighting.metrics()}
