@@ -55,9 +55,9 @@ def test_stl10_run_cuts_16_px_at_96(tmp_path, monkeypatch):
     seen = {}
     original = augment.apply_strong
 
-    def spy(x, params):
+    def spy(x, params, grouped=None):
         seen["size"], seen["cutout"], seen["pad"] = x.shape[-1], params.cutout_size, params.weak.pad
-        return original(x, params)
+        return original(x, params, grouped)
 
     monkeypatch.setattr(augment, "apply_strong", spy)
     run.train_step(Window())
