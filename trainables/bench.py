@@ -359,6 +359,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--widen", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--mu", type=int, default=2)
+    ap.add_argument("--n1", type=int, default=500, help="labeled images of the head class (synthetic data)")
+    ap.add_argument("--m1", type=int, default=1000, help="unlabeled images of the head class")
     ap.add_argument("--steps", type=int, default=30, help="timed steps per step variant and for the reference")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {list(VARIANTS)}")
@@ -387,9 +389,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"train.mu={args.mu}",
         f"method.preset={args.preset}",
         "data.dataset=synthetic",
-        "data.n1=500",
-        "data.m1=1000",
-        "data.synthetic.pool_per_class=1700",
+        f"data.n1={args.n1}",
+        f"data.m1={args.m1}",
+        f"data.synthetic.pool_per_class={args.n1 + args.m1 + 200}",
         "data.synthetic.test_per_class=10",
         "data.resident=auto",
     ]

@@ -46,7 +46,11 @@ CASES = [
     (
         "parameter path not in the run configuration",
         "space:\n  optim.learning_rate: {type: loguniform, low: 0.01, high: 0.1}",
-        ["space.optim.learning_rate", "'learning_rate'", "valid fields there: cosine_fraction, lr, momentum"],
+        [
+            "space.optim.learning_rate",
+            "'learning_rate'",
+            "valid fields there: cosine_fraction, gamma, lr, milestones, momentum",
+        ],
     ),
     (
         "parameter names a section",

@@ -71,7 +71,7 @@ def test_every_suite_runs_and_the_report_adds_up(tmp_path):
         ["--suite", "augment,step,reference,packing", "--device", "cpu", "--depth", "10", "--widen", "1",
          "--batch-size", "16", "--steps", "2", "--warmup", "1", "--variants", "fp32,bf16", "--aug-rounds", "2",
          "--aug-seconds", "0.2", "--workers", "1", "--pack", "1,2", "--pack-seconds", "2", "--pack-variant", "fp32",
-         "--preset", "fixmatch", "--out", str(tmp_path)]
+         "--preset", "fixmatch", "--n1", "60", "--m1", "120", "--out", str(tmp_path)]
     )  # fmt: skip
     a = report["augment"]
     assert a["ratio_min"] <= a["ratio"] <= a["ratio_max"] and a["batched_img_s"] > 0 and a["pil_img_s"] > 0
