@@ -2,6 +2,7 @@
 
     python -m trainables.bench [--suite augment,step,reference,packing] [--device auto|cpu|cuda] [--out DIR]
                                [--preset fixmatch_daso] [--depth 28 --widen 2] [--batch-size 64 --mu 2]
+                               [--n1 500 --m1 1000]
                                [--steps 30] [--variants fp32,bf16,bf16+cl,bf16+cl+compile] [--workers 4]
                                [--pack 1,2,4 --pack-variant bf16+cl]
 

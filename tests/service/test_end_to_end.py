@@ -234,7 +234,10 @@ def child_tags(db: Path) -> dict[str, dict[str, str]]:
     return {r: t for r, t in tags.items() if t.get("ltssl.role") == "trial"}
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+# the SIGTERM twin runs with the slow suites: the same code path as Ctrl-C, and the default suite is near 15 minutes
+@pytest.mark.parametrize(
+    "stop", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)], ids=["ctrl-c", "sigterm"]
+)
 def test_interrupt_and_resume(tmp_path, stop):
     # SIGTERM is what a preempted machine or a scheduler sends: it must stop the sweep as gracefully as Ctrl-C
     (tmp_path / "space.yaml").write_text(RESUMABLE)
