@@ -8,7 +8,8 @@ One step: the EMA encoder's features of the labeled weak views when the method a
 before its prototypes are read, as in the reference), a single forward over [x_lb, x_ulb_w, x_ulb_s] (so BatchNorm
 sees all three), the pseudo-label from the weak view, L = L_s + lambda_u * L_u (+ the method's extra loss), SGD with
 Nesterov, EMA update, then the method observes the step's pseudo-labels. Evaluation uses the
-EMA model. Everything that affects the result is checkpointed as one unit and restored on resume.
+EMA model. A labeled-only method (the supervised baselines) takes the labeled batch alone and is evaluated on the
+trained model itself. Everything that affects the result is checkpointed as one unit and restored on resume.
 """
 
 from __future__ import annotations
