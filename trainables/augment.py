@@ -377,7 +377,7 @@ def cutout(x: Tensor, centers: Tensor, size: int, fill: int = 127) -> Tensor:
     in_rows = (rows >= top_left[:, :1]) & (rows < top_left[:, :1] + size)  # (B, H)
     in_cols = (cols >= top_left[:, 1:]) & (cols < top_left[:, 1:] + size)  # (B, W)
     inside = (in_rows.unsqueeze(2) & in_cols.unsqueeze(1)).unsqueeze(1)
-    return select(inside, torch.tensor(fill, dtype=torch.uint8, device=x.device), x)
+    return select(inside, fill, x)  # a Python fill: a tensor made from it would be a host-to-device copy
 
 
 def apply_strong(x: Tensor, params: StrongParams, grouped: bool | None = None) -> Tensor:

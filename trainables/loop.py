@@ -194,7 +194,7 @@ class Run:
             return
         idx_lb, idx_ulb = self.lb_stream.indices(step), self.ulb_stream.indices(step)
         x_lb_u8, x_ulb_u8 = self.lb_store.gather(idx_lb), self.ulb_store.gather(idx_ulb)
-        y_lb = self.y_lb[idx_lb.to(self.rt.device)]
+        y_lb = self.y_lb[idx_lb.to(self.rt.device, non_blocking=True)]  # no stream sync
         x_lb = self.prep(weak_augment(x_lb_u8, self.aug_gen, self.crop_pad))
         x_ulb_w = self.prep(weak_augment(x_ulb_u8, self.aug_gen, self.crop_pad))
         x_ulb_s = self.prep(strong_augment(x_ulb_u8, self.aug_gen, cutout=self.cutout_px, pad=self.crop_pad))
@@ -236,7 +236,7 @@ class Run:
     def learn_labeled(self, window: Window) -> None:
         """A labeled-only step (supervised baselines): the weak labeled view, the labeled loss, SGD, EMA."""
         idx_lb = self.lb_stream.indices(self.step)
-        y_lb = self.y_lb[idx_lb.to(self.rt.device)]
+        y_lb = self.y_lb[idx_lb.to(self.rt.device, non_blocking=True)]  # no stream sync
         x_lb = self.prep(weak_augment(self.lb_store.gather(idx_lb), self.aug_gen, self.crop_pad))
         with self.rt.autocast():
             _, logits = self.forward(x_lb)
