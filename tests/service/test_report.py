@@ -22,6 +22,9 @@ from service.figures import TITLES
 from .test_end_to_end import SWEEP, env, start_sweep
 
 K, N = 2, 2
+# a sweep, a report while it runs and a seed confirmation (about 2.5 minutes here): with the slow suites, so that the
+# default suite stays under 15 minutes on a 2-core machine
+pytestmark = pytest.mark.slow
 
 
 def report_cli(cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
