@@ -92,7 +92,9 @@ def test_probe_runs_as_a_ray_task_placed_like_a_trial(write_space, tmp_path, mon
     import ray
 
     plan = load_plan(write_space(PACKED), launch_dir=tmp_path)
-    ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    # address="local": a Ray of its own, not a cluster an earlier test left running (whose address Ray would find)
+    ray.init(address="local", num_cpus=1, num_gpus=1, include_dashboard=False, log_to_driver=False)
     try:
         with pytest.raises(ConfigError, match="probe that checks they fit failed: .*the memory probe needs a CUDA"):
             packing.check_packing(plan)
