@@ -53,10 +53,7 @@ class Window:
     diagnostics: dict[str, list[Tensor]] = field(default_factory=dict)
 
     def add(self, losses: dict[str, Tensor], idx_ulb: Tensor, pseudo_label: Tensor, mask: Tensor, diag: dict) -> None:
-        self.steps += 1
-        for key, value in losses.items():
-            value = value.detach()
-            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.add_losses(losses)
         self.indices.append(idx_ulb)
         self.pseudo_label.append(pseudo_label)
         self.mask.append(mask)

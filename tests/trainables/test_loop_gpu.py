@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tests.trainables.conftest import random_data
+from tests.trainables.test_learning import SHORT
 from trainables.config import load_config
 from trainables.loop import resolve_runtime, train
 
@@ -18,13 +19,10 @@ CUDA = [
 ]  # fmt: skip
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_defaults_and_resume(tmp_path):
-    cfg = load_config(None, CUDA)
-    rt = resolve_runtime(cfg)
-    assert rt.device.type == "cuda" and rt.autocast_dtype == torch.bfloat16 and rt.channels_last
+def whole_and_resumed(cfg, tmp_path):
+    """Final metrics of the run uninterrupted (tmp_path/full) and of the run killed after its step-10 report and
+    resumed (tmp_path/cut)."""
     full = train(cfg, tmp_path / "full", progress=False, data=random_data())
-    assert all(math.isfinite(v) for v in full.values())
 
     class Killed(Exception):
         pass
@@ -36,6 +34,16 @@ def test_cuda_defaults_and_resume(tmp_path):
     with pytest.raises(Killed):
         train(cfg, tmp_path / "cut", report=kill, progress=False, data=random_data())
     resumed = train(cfg, tmp_path / "cut", resume=True, progress=False, data=random_data())
+    return full, resumed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_defaults_and_resume(tmp_path):
+    cfg = load_config(None, CUDA)
+    rt = resolve_runtime(cfg)
+    assert rt.device.type == "cuda" and rt.autocast_dtype == torch.bfloat16 and rt.channels_last
+    full, resumed = whole_and_resumed(cfg, tmp_path)
+    assert all(math.isfinite(v) for v in full.values())
     assert resumed["step"] == full["step"] == 20
 
 
@@ -50,18 +58,7 @@ def test_resume_on_cuda_continues_the_same_run(tmp_path):
     from trainables import checkpoint
 
     cfg = load_config(None, DETERMINISTIC)
-    full = train(cfg, tmp_path / "full", progress=False, data=random_data())
-
-    class Killed(Exception):
-        pass
-
-    def kill(metrics, ckpt):
-        if metrics["step"] == 10:
-            raise Killed
-
-    with pytest.raises(Killed):
-        train(cfg, tmp_path / "cut", report=kill, progress=False, data=random_data())
-    resumed = train(cfg, tmp_path / "cut", resume=True, progress=False, data=random_data())
+    full, resumed = whole_and_resumed(cfg, tmp_path)
     timing = {"train/it_per_s"}
     assert {k: v for k, v in resumed.items() if k not in timing} == {k: v for k, v in full.items() if k not in timing}
     a, b = checkpoint.load(tmp_path / "full" / "checkpoint"), checkpoint.load(tmp_path / "cut" / "checkpoint")
@@ -97,12 +94,7 @@ def test_training_step_never_waits_for_the_gpu():
         torch.cuda.set_sync_debug_mode("default")
 
 
-BAND = [
-    "data.synthetic.num_classes=4", "data.synthetic.image_size=16", "data.synthetic.pool_per_class=400",
-    "data.synthetic.test_per_class=100", "data.n1=200", "data.m1=150", "data.gamma_l=4", "model.depth=10",
-    "model.widen=1", "model.bn_momentum=0.1", "train.ema_decay=0.9", "optim.lr=0.1", "train.iterations=500",
-    "train.eval_every=250", "train.batch_size=32", "train.mu=1", "train.device=cuda",
-]  # fmt: skip
+BAND = [o for o in SHORT if not o.startswith("train.device=")] + ["train.device=cuda"]  # test_learning's run
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

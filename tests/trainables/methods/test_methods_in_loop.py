@@ -118,7 +118,12 @@ def test_drw_with_beta_zero_is_fixmatch(tmp_path, data):
 def test_resume_equals_an_uninterrupted_run(tmp_path, data, preset, daso, drw):
     """Stop right after the step-8 checkpoint (DASO window and DRw ring both mid-way; DASO past its warm-up),
     resume from it, and finish: the evaluations and the final weights equal those of a run never stopped."""
-    cfg = tiny_config(preset, daso=daso, drw=drw)
+    assert_resume_equals_whole_run(tiny_config(preset, daso=daso, drw=drw), tmp_path, data)
+
+
+def assert_resume_equals_whole_run(cfg: RunConfig, tmp_path, data) -> None:
+    """Stopped right after the step-8 checkpoint and resumed, `cfg` gives the evaluations and final weights of the
+    run never stopped."""
     train(cfg, tmp_path / "whole", progress=False, data=data)
 
     class Stop(Exception):

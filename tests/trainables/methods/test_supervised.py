@@ -9,17 +9,17 @@ import torch
 
 from tests.trainables.methods.test_methods_in_loop import (
     _restore_global_torch_settings,  # noqa: F401  (autouse fixture)
+    assert_resume_equals_whole_run,
     assert_same_tensors,
     data,  # noqa: F401  (fixture)
     final_model,
     tiny_config,
     trajectory,
 )
-from trainables import checkpoint
 from trainables.config import OptimConfig, RunConfig
 from trainables.data import build_data
 from trainables.evaluate import predict_logits
-from trainables.loop import CHECKPOINT_DIR, Run, lr_at, resolve_runtime, train
+from trainables.loop import Run, lr_at, resolve_runtime, train
 
 
 def test_multistep_schedule_by_hand():
@@ -103,21 +103,7 @@ def test_supervised_evaluates_the_trained_model_not_its_ema(data):  # noqa: F811
 
 def test_supervised_resume_equals_an_uninterrupted_run(tmp_path, data):  # noqa: F811
     cfg = supervised_config("supervised_la", schedule="multistep", warmup=0.2, milestones=[0.5, 0.75])
-    train(cfg, tmp_path / "whole", progress=False, data=data)
-
-    class Stop(Exception):
-        pass
-
-    def stop_at_8(metrics, saved):
-        if metrics["step"] == 8:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train(cfg, tmp_path / "split", report=stop_at_8, progress=False, data=data)
-    assert checkpoint.load(tmp_path / "split" / CHECKPOINT_DIR)["step"] == 8
-    train(cfg, tmp_path / "split", resume=True, progress=False, data=data)
-    assert trajectory(tmp_path / "split") == trajectory(tmp_path / "whole")
-    assert_same_tensors(final_model(tmp_path / "split"), final_model(tmp_path / "whole"))
+    assert_resume_equals_whole_run(cfg, tmp_path, data)
 
 
 def test_build_data_is_unchanged_by_the_preset():
