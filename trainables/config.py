@@ -36,22 +36,31 @@ PresetName = Literal[
     "fixmatch_daso_drw",
     "supervised",
     "supervised_la",
+    "fixmatch_darp",
+    "fixmatch_la_darp",
+    "fixmatch_abc",
+    "fixmatch_abc_daso",
 ]
 PseudoLabelName = Literal["none", "daso"]
 LabeledLossName = Literal["none", "class_balanced", "logit_adjustment"]
 UnlabeledWeightName = Literal["none", "drw"]
+ExtensionName = Literal["none", "darp", "abc"]
 
-# preset -> (pseudo-label transform, labeled-loss weighting, unlabeled-loss weighting)
-PRESETS: dict[str, tuple[PseudoLabelName, LabeledLossName, UnlabeledWeightName]] = {
-    "fixmatch": ("none", "none", "none"),
-    "fixmatch_la": ("none", "logit_adjustment", "none"),
-    "fixmatch_daso": ("daso", "none", "none"),
-    "fixmatch_drw": ("none", "class_balanced", "drw"),
-    "fixmatch_la_daso": ("daso", "logit_adjustment", "none"),
-    "fixmatch_la_drw": ("none", "logit_adjustment", "drw"),
-    "fixmatch_daso_drw": ("daso", "class_balanced", "drw"),
-    "supervised": ("none", "none", "none"),
-    "supervised_la": ("none", "logit_adjustment", "none"),
+# preset -> (pseudo-label transform, labeled-loss weighting, unlabeled-loss weighting, extension)
+PRESETS: dict[str, tuple[PseudoLabelName, LabeledLossName, UnlabeledWeightName, ExtensionName]] = {
+    "fixmatch": ("none", "none", "none", "none"),
+    "fixmatch_la": ("none", "logit_adjustment", "none", "none"),
+    "fixmatch_daso": ("daso", "none", "none", "none"),
+    "fixmatch_drw": ("none", "class_balanced", "drw", "none"),
+    "fixmatch_la_daso": ("daso", "logit_adjustment", "none", "none"),
+    "fixmatch_la_drw": ("none", "logit_adjustment", "drw", "none"),
+    "fixmatch_daso_drw": ("daso", "class_balanced", "drw", "none"),
+    "supervised": ("none", "none", "none", "none"),
+    "supervised_la": ("none", "logit_adjustment", "none", "none"),
+    "fixmatch_darp": ("none", "none", "none", "darp"),
+    "fixmatch_la_darp": ("none", "logit_adjustment", "none", "darp"),
+    "fixmatch_abc": ("none", "none", "none", "abc"),
+    "fixmatch_abc_daso": ("daso", "none", "none", "abc"),
 }
 #: presets trained on the labeled set alone (the papers' first rows): no unlabeled forward, no pseudo-labels, and
 #: evaluated on the trained model itself, as the DASO reference's `Supervised` algorithm evaluates (no EMA)
@@ -357,11 +366,50 @@ class LaConfig(Frozen):
     tau: float = Field(1.0, ge=0, description="train-time logit adjustment strength tau_la")
 
 
+class DarpConfig(Frozen):
+    """DARP (Kim et al., NeurIPS 2020): the pseudo-labels of the whole unlabeled set are refined to match a target
+    class distribution; defaults are the paper's and the DASO reference's."""
+
+    warmup: float = Field(0.4, ge=0, le=1, description="share of train.iterations before the refined labels are used")
+    every: int = Field(10, ge=1, description="iterations between refinements")
+    alpha: float = Field(2.0, gt=0, description="per class k, the alpha N_k most confident samples set its scale")
+    solver_iters: int = Field(10, ge=1, description="alternating scaling rounds of the refinement solver")
+    target: Literal["auto", "labeled", "estimate"] | list[float] = Field(
+        "auto",
+        description="target distribution over the unlabeled set: the labeled class proportions (labeled), a "
+        "black-box shift estimate from the EMA model's confusion on the validation split at the warm-up's end "
+        "(estimate), per-class proportions (a list), or auto: labeled when gamma_u equals gamma_l, else estimate",
+    )
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, value: str | list[float]) -> str | list[float]:
+        if isinstance(value, list) and (not value or min(value) < 0 or sum(value) <= 0):
+            raise ValueError(f"{value}: a target distribution lists one non-negative share per class, not all 0")
+        return value
+
+
+class AbcConfig(Frozen):
+    """ABC (Lee et al., NeurIPS 2021): an auxiliary balanced classifier on the shared encoder, trained under
+    Bernoulli masks that keep class k with probability N_C / N_k, and evaluated in place of the main classifier."""
+
+    weight: float = Field(1.0, ge=0, description="weight of the auxiliary classifier's loss")
+    tau: float | None = Field(None, gt=0, le=1, description="its confidence threshold; null = train.tau")
+    stairs: int = Field(
+        500,
+        ge=1,
+        description="the unlabeled keep rate falls from 1 to N_C / N_k in this many equal stairs over training "
+        "(the reference's 500 evaluation periods)",
+    )
+
+
 class MethodConfig(Frozen):
     preset: PresetName = "fixmatch"
     daso: DasoConfig | None = None
     drw: DrwConfig | None = None
     la: LaConfig | None = None
+    darp: DarpConfig | None = None
+    abc: AbcConfig | None = None
     posthoc_la_tau: float = Field(1.0, ge=0, description="tau of the post-hoc LA reported as val/top1_la")
 
     @model_validator(mode="before")
@@ -387,7 +435,7 @@ class MethodConfig(Frozen):
         return out
 
     @property
-    def components(self) -> tuple[PseudoLabelName, LabeledLossName, UnlabeledWeightName]:
+    def components(self) -> tuple[PseudoLabelName, LabeledLossName, UnlabeledWeightName, ExtensionName]:
         return PRESETS[self.preset]
 
     @property
@@ -395,17 +443,19 @@ class MethodConfig(Frozen):
         return self.preset in LABELED_ONLY
 
 
-METHOD_BLOCKS = ("daso", "drw", "la")  # MethodConfig's parameter blocks
+METHOD_BLOCKS = ("daso", "drw", "la", "darp", "abc")  # MethodConfig's parameter blocks
 
 
 def preset_uses(preset: str, block: str) -> bool:
     """Whether `preset` has the parameter block `block` (one of METHOD_BLOCKS): DASO's, DRw's beta (class-balanced
-    labeled weights or dynamic unlabeled weights), or logit adjustment's."""
-    pseudo, labeled, unlabeled = PRESETS[preset]
+    labeled weights or dynamic unlabeled weights), logit adjustment's, DARP's or ABC's."""
+    pseudo, labeled, unlabeled, extension = PRESETS[preset]
     return {
         "daso": pseudo == "daso",
         "drw": labeled == "class_balanced" or unlabeled == "drw",
         "la": labeled == "logit_adjustment",
+        "darp": extension == "darp",
+        "abc": extension == "abc",
     }[block]
 
 
@@ -421,6 +471,9 @@ class RunConfig(Frozen):
     def _check(self) -> RunConfig:
         if self.data.dataset == "imagefolder" and self.model.arch == "wrn" and self.data.imagefolder.image_size > 96:
             raise ValueError("model.arch 'wrn' is for 32-96 px images; use resnet18/34/50 for image-folder data")
+        darp, classes = self.method.darp, self.data.num_classes
+        if darp is not None and isinstance(darp.target, list) and classes is not None and len(darp.target) != classes:
+            raise ValueError(f"method.darp.target lists {len(darp.target)} shares; the data set has {classes} classes")
         return self
 
 

@@ -1,15 +1,16 @@
 """The FixMatch training loop (Sohn et al., NeurIPS 2020) with pluggable method components.
 
 `train(cfg, out_dir, report)` takes a validated `RunConfig` and a `report` callback and returns the final metrics.
-It knows nothing of Ray, Optuna or MLflow. Methods (DASO, DRw, logit adjustment) enter only through the three
-components of `trainables.methods.base.Method`; the loop never asks which method runs.
+It knows nothing of Ray, Optuna or MLflow. Methods (DASO, DRw, logit adjustment, DARP, ABC) enter only through the
+four components of `trainables.methods.base.Method`; the loop never asks which method runs.
 
 One step: the EMA encoder's features of the labeled weak views when the method asks for them (DASO's queue, filled
 before its prototypes are read, as in the reference), a single forward over [x_lb, x_ulb_w, x_ulb_s] (so BatchNorm
-sees all three), the pseudo-label from the weak view, L = L_s + lambda_u * L_u (+ the method's extra loss), SGD with
-Nesterov, EMA update, then the method observes the step's pseudo-labels. Evaluation uses the
-EMA model. A labeled-only method (the supervised baselines) takes the labeled batch alone and is evaluated on the
-trained model itself. Everything that affects the result is checkpointed as one unit and restored on resume.
+sees all three) and through the extension's heads, the pseudo-label from the weak view (then the extension's
+refinement), L = L_s + lambda_u * L_u (+ the methods' extra losses), SGD with Nesterov, EMA update, then the method
+observes the step's pseudo-labels. Evaluation uses the EMA model (its extension head, if the method names one). A
+labeled-only method (the supervised baselines) takes the labeled batch alone and is evaluated on the trained model
+itself. Everything that affects the result is checkpointed as one unit and restored on resume.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from trainables.ema import ModelEMA
 from trainables.evaluate import Window, predict_logits, split_metrics
 from trainables.losses import fixmatch_mask, unlabeled_ce
 from trainables.methods import build_method
-from trainables.methods.base import Method, MethodContext
+from trainables.methods.base import Method, MethodContext, StepView
 from trainables.methods.la import log_prior
 from trainables.metrics import EvalHistory, class_groups, confusion_matrix, per_class, per_class_table
 from trainables.models import build_model
@@ -124,7 +125,30 @@ class Run:
         self.mean = torch.tensor(data.mean, device=rt.device).view(1, 3, 1, 1)
         self.std = torch.tensor(data.std, device=rt.device).view(1, 3, 1, 1)
 
-        self.model = build_model(cfg.model, data.num_classes).to(rt.device)
+        self.model = build_model(cfg.model, data.num_classes)
+        counts = data.labeled_counts
+        self.method: Method = build_method(
+            cfg.method,
+            MethodContext(
+                num_classes=data.num_classes,
+                labeled_counts=torch.as_tensor(counts, dtype=torch.int64),
+                feature_dim=self.model.feature_dim,
+                device=rt.device,
+                dataset=cfg.data.dataset,
+                gamma_l=cfg.data.gamma_l,
+                gamma_u=cfg.data.gamma_u_resolved,
+                iterations=t.iterations,
+                unlabeled_size=len(self.ulb_store),
+                unlabeled_batch=t.batch_size * t.mu,
+                seed=t.seed,
+                tau=t.tau,
+            ),
+        )
+        # the extension's heads (ABC's classifier) join the model: optimised, EMA-averaged and saved with it
+        self.heads = self.method.extension.heads
+        if self.heads:
+            self.model.heads = torch.nn.ModuleDict(self.heads)
+        self.model = self.model.to(rt.device)
         if rt.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = ModelEMA(self.model, t.ema_decay)
@@ -142,27 +166,11 @@ class Run:
         self.forward = self._features_and_logits
         if t.compile:
             self.forward = torch.compile(self._features_and_logits)
-        counts = data.labeled_counts
         self.groups = class_groups(counts)
         self.log_prior = log_prior(torch.as_tensor(counts))
         side = image_side(data.labeled.images)
         self.crop_pad = cfg.data.augment.pad_px(side)
         self.cutout_px = cfg.data.augment.cutout_px(side, cfg.data.dataset)
-        self.method: Method = build_method(
-            cfg.method,
-            MethodContext(
-                num_classes=data.num_classes,
-                labeled_counts=torch.as_tensor(counts, dtype=torch.int64),
-                feature_dim=self.model.feature_dim,
-                device=rt.device,
-                dataset=cfg.data.dataset,
-                gamma_l=cfg.data.gamma_l,
-                gamma_u=cfg.data.gamma_u_resolved,
-                iterations=t.iterations,
-                unlabeled_size=len(self.ulb_store),
-                unlabeled_batch=t.batch_size * t.mu,
-            ),
-        )
         daso_cfg = cfg.method.daso
         self.ema_bn = daso_cfg.ema_bn if daso_cfg is not None else "batch"
         # the EMA copy's BatchNorm layers, found once (the training step toggles them for DASO's queue forward)
@@ -188,6 +196,11 @@ class Run:
             probs = predict_logits(self.ema_logits, self.ulb_store, self.prep, t.eval_batch_size).softmax(1)
             mask, pseudo_label = fixmatch_mask(probs, t.tau)
             method.unlabeled_weighting.observe_pass(pseudo_label.to(self.rt.device), mask.to(self.rt.device), step)
+        if method.extension.wants_pass(step):
+            probs_ulb = predict_logits(self.ema_logits, self.ulb_store, self.prep, t.eval_batch_size).softmax(1)
+            probs_val = predict_logits(self.ema_logits, self.val_store, self.prep, t.eval_batch_size).softmax(1)
+            y_val = torch.as_tensor(self.data.val.labels, dtype=torch.int64)
+            method.extension.observe_pass(probs_ulb, probs_val, y_val, step)
 
         if method.labeled_only:
             self.learn_labeled(window)
@@ -214,23 +227,27 @@ class Run:
 
         with self.rt.autocast():
             feats, logits = self.forward(torch.cat([x_lb, x_ulb_w, x_ulb_s]))
+            head_logits = {name: head(feats).float() for name, head in self.heads.items()}
         feats, logits = feats.float(), logits.float()
         logits_x_lb, logits_x_ulb_w, logits_x_ulb_s = logits.split([b, u, u])
         _, feat_ulb_w, feat_ulb_s = feats.split([b, u, u])
 
         probs_w = logits_x_ulb_w.detach().softmax(dim=1)
         pl = method.pseudo_label(probs_w, feat_ulb_w.detach(), feat_ulb_s, step)
-        mask, pseudo_label = fixmatch_mask(pl.probs, t.tau)
+        with torch.no_grad():
+            probs = method.extension.refine(pl.probs, idx_ulb, step)
+        mask, pseudo_label = fixmatch_mask(probs, t.tau)
         loss_x = method.labeled_loss(logits_x_lb, y_lb)
         loss_u = unlabeled_ce(logits_x_ulb_s, pseudo_label, mask, method.unlabeled_weighting.class_weights(step))
-        loss = loss_x + t.lambda_u * loss_u + pl.loss
+        ext = method.extension.loss(StepView(feats, head_logits, y_lb, b, pl, step))
+        loss = loss_x + t.lambda_u * loss_u + pl.loss + ext.loss
 
         self._sgd_step(loss)
 
         method.pseudo_label.observe(pseudo_label, step)
         method.unlabeled_weighting.observe(pseudo_label, mask, step)
-        losses = {"loss": loss, "loss_x": loss_x, "loss_u": loss_u, **pl.logs}
-        window.add(losses, idx_ulb, pseudo_label, mask, pl.diagnostics)
+        losses = {"loss": loss, "loss_x": loss_x, "loss_u": loss_u, **pl.logs, **ext.logs}
+        window.add(losses, idx_ulb, pseudo_label, mask, {**pl.diagnostics, **ext.diagnostics})
         self.step += 1
 
     def learn_labeled(self, window: Window) -> None:
@@ -289,6 +306,11 @@ class Run:
     def eval_logits(self, x: Tensor) -> Tensor:
         """The evaluated model's logits: the EMA model's, or (labeled-only methods) the trained model's in eval
         mode, as the reference evaluates its supervised baselines."""
+        head = self.method.extension.eval_head
+        if head is not None:  # the method's own head (ABC's balanced classifier) on the EMA encoder
+            ema = self.ema.module
+            with self.rt.autocast():
+                return ema.heads[head](ema.encode(x))
         if not self.method.labeled_only:
             return self.ema_logits(x)
         training = self.model.training

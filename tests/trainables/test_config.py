@@ -21,10 +21,21 @@ def test_config_is_frozen():
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_every_preset_gets_exactly_its_blocks(preset):
     m = load_config(None, [f"method.preset={preset}"]).method
-    pseudo, labeled, unlabeled = PRESETS[preset]
+    pseudo, labeled, unlabeled, extension = PRESETS[preset]
     assert (m.daso is not None) == (pseudo == "daso")
     assert (m.la is not None) == (labeled == "logit_adjustment")
     assert (m.drw is not None) == (labeled == "class_balanced" or unlabeled == "drw")
+    assert (m.darp is not None) == (extension == "darp")
+    assert (m.abc is not None) == (extension == "abc")
+
+
+def test_darp_target_is_checked_against_the_classes():
+    with pytest.raises(ConfigError, match="lists 3 shares; the data set has 10 classes"):
+        load_config(None, ["method.preset=fixmatch_darp", "method.darp.target=[1, 2, 3]"])
+    with pytest.raises(ConfigError, match="non-negative share per class"):
+        load_config(None, ["method.preset=fixmatch_darp", "method.darp.target=[0, 0]"])
+    with pytest.raises(ConfigError, match="'darp' parameters do not belong to preset 'fixmatch_abc'"):
+        load_config(None, ["method.preset=fixmatch_abc", "method.darp.alpha=3"])
 
 
 def test_overrides_parse_yaml_scalars_and_nest():

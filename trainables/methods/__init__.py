@@ -4,24 +4,33 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
+
 from trainables.config import (
+    AbcConfig,
+    DarpConfig,
     DasoConfig,
     DrwConfig,
+    ExtensionName,
     LabeledLossName,
     MethodConfig,
     PseudoLabelName,
     UnlabeledWeightName,
 )
+from trainables.methods.abc import AuxiliaryBalancedClassifier
 from trainables.methods.base import (
+    Extension,
     LabeledLoss,
     LinearPseudoLabel,
     Method,
     MethodContext,
+    NoExtension,
     NoWeighting,
     PlainCE,
     PseudoLabelTransform,
     UnlabeledWeighting,
 )
+from trainables.methods.darp import DarpRefinement
 from trainables.methods.daso import DasoPseudoLabel, resolve_t_dist
 from trainables.methods.drw import ClassBalancedCE, DynamicReweighting
 from trainables.methods.la import LogitAdjustedCE
@@ -55,6 +64,44 @@ def dynamic_reweighting(cfg: DrwConfig, ctx: MethodContext) -> DynamicReweightin
     )
 
 
+def darp(cfg: DarpConfig, ctx: MethodContext) -> DarpRefinement:
+    """The target: the labeled proportions (`labeled`, or `auto` with gamma_u == gamma_l), the given shares, or
+    None (`estimate`, or `auto` otherwise) for the pass at the warm-up's end to estimate."""
+    target = cfg.target
+    if target == "auto":
+        target = "labeled" if ctx.gamma_u == ctx.gamma_l else "estimate"
+    if isinstance(target, list):
+        shares = torch.tensor(target, dtype=torch.float64)
+    elif target == "labeled":
+        shares = ctx.labeled_counts.double()
+    else:
+        shares = None
+    return DarpRefinement(
+        ctx.num_classes,
+        ctx.unlabeled_size,
+        ctx.device,
+        iterations=ctx.iterations,
+        target=shares,
+        warmup=cfg.warmup,
+        every=cfg.every,
+        alpha=cfg.alpha,
+        solver_iters=cfg.solver_iters,
+    )
+
+
+def abc(cfg: AbcConfig, ctx: MethodContext) -> AuxiliaryBalancedClassifier:
+    return AuxiliaryBalancedClassifier(
+        ctx.labeled_counts,
+        ctx.feature_dim,
+        ctx.device,
+        iterations=ctx.iterations,
+        tau=ctx.tau if cfg.tau is None else cfg.tau,
+        weight=cfg.weight,
+        stairs=cfg.stairs,
+        seed=ctx.seed,
+    )
+
+
 def _labeled_counts(ctx: MethodContext):
     return ctx.labeled_counts.to(ctx.device)
 
@@ -72,13 +119,19 @@ UNLABELED_WEIGHTING: dict[UnlabeledWeightName, Callable[[MethodConfig, MethodCon
     "none": lambda cfg, ctx: NoWeighting(),
     "drw": lambda cfg, ctx: dynamic_reweighting(cfg.drw, ctx),
 }
+EXTENSION: dict[ExtensionName, Callable[[MethodConfig, MethodContext], Extension]] = {
+    "none": lambda cfg, ctx: NoExtension(),
+    "darp": lambda cfg, ctx: darp(cfg.darp, ctx),
+    "abc": lambda cfg, ctx: abc(cfg.abc, ctx),
+}
 
 
 def build_method(cfg: MethodConfig, ctx: MethodContext) -> Method:
-    pseudo, labeled, unlabeled = cfg.components
+    pseudo, labeled, unlabeled, extension = cfg.components
     return Method(
         pseudo_label=PSEUDO_LABEL[pseudo](cfg, ctx),
         labeled_loss=LABELED_LOSS[labeled](cfg, ctx),
         unlabeled_weighting=UNLABELED_WEIGHTING[unlabeled](cfg, ctx),
+        extension=EXTENSION[extension](cfg, ctx),
         labeled_only=cfg.labeled_only,
     )

@@ -1,17 +1,24 @@
-"""How a method plugs into the FixMatch loop: three small components chosen by name.
+"""How a method plugs into the FixMatch loop: four small components chosen by name.
 
-A method is (pseudo-label transform, labeled-loss weighting, unlabeled-loss weighting). The loop calls each through
-the protocols below with explicit tensors; it never asks which method is running. Stateful components (DASO's queue
-and histogram, DRw's counts) save and restore their state with the run through `state_dict` / `load_state_dict`.
+A method is (pseudo-label transform, labeled-loss weighting, unlabeled-loss weighting, extension). The loop calls
+each through the protocols below with explicit tensors; it never asks which method is running. Stateful components
+(DASO's queue and histogram, DRw's counts, DARP's per-sample labels) save and restore their state with the run
+through `state_dict` / `load_state_dict`.
+
+The extension covers what the three axes do not: trainable heads on the shared encoder (ABC's balanced classifier),
+evaluated in place of the classifier if the method says so; a refinement of the pseudo-labels that sees each
+sample's index in the unlabeled set (DARP); an extra loss on the step's features; a pass of the EMA model over the
+unlabeled and validation sets when the method asks for one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from trainables.losses import labeled_ce
 
@@ -30,6 +37,8 @@ class MethodContext:
     iterations: int  # training iterations K
     unlabeled_size: int  # |U|
     unlabeled_batch: int  # mu * B
+    seed: int = 0  # train.seed, for a component's own random generator
+    tau: float = 0.95  # the confidence threshold train.tau
 
 
 @dataclass
@@ -40,6 +49,12 @@ class PseudoLabelOutput:
     diagnostics: dict[str, Tensor] = field(default_factory=dict)
     # per-step scalar tensors averaged over the evaluation window as train/<key>, e.g. "loss_align" (no host sync)
     logs: dict[str, Tensor] = field(default_factory=dict)
+    # the same rule applied to another classifier's weak-view distribution (U, C) of this batch (DASO's blend for
+    # ABC's head); None = that distribution unchanged
+    transform: Callable[[Tensor], Tensor] | None = None
+
+    def apply(self, probs: Tensor) -> Tensor:
+        return probs if self.transform is None else self.transform(probs)
 
 
 class PseudoLabelTransform(Protocol):
@@ -139,23 +154,91 @@ class NoWeighting(Stateless):
 
 
 @dataclass
+class StepView:
+    """What an extension's loss sees of one step, all on the device. Rows are [labeled B, weak U, strong U]."""
+
+    feats: Tensor  # (B + 2U, D) encoder features, with grad
+    head_logits: dict[str, Tensor]  # each of the extension's heads over the same rows, with grad
+    y_lb: Tensor  # (B,)
+    batch: int  # B
+    pseudo_label: PseudoLabelOutput  # this step's pseudo-label transform, to apply to a head's own distribution
+    step: int
+
+
+@dataclass
+class ExtensionOutput:
+    loss: Tensor  # scalar, already weighted; added to L
+    logs: dict[str, Tensor] = field(default_factory=dict)  # averaged over the window as train/<key>
+    diagnostics: dict[str, Tensor] = field(default_factory=dict)  # hard labels (U,) measured like pl/, by prefix
+
+
+class Extension(Protocol):
+    """Called per step as `refine` (on the final pseudo-label distribution, before the mask) and `loss` (after
+    the forward); `wants_pass` / `observe_pass` before the step when the method needs whole-set predictions."""
+
+    #: trainable modules on the encoder's features, by name; the loop attaches them to the model, so they are
+    #: optimised, EMA-averaged and checkpointed with it
+    heads: dict[str, nn.Module]
+    #: the head evaluated (and used for the post-hoc numbers) in place of the classifier; None = the classifier
+    eval_head: str | None
+
+    def refine(self, probs: Tensor, idx_ulb: Tensor, step: int) -> Tensor:
+        """probs (U, C) final weak-view distribution of the unlabeled samples idx_ulb (U,) -> refined (U, C)."""
+
+    def loss(self, view: StepView) -> ExtensionOutput: ...
+
+    def wants_pass(self, step: int) -> bool:
+        """Whether the loop should run the EMA model over the unlabeled and validation sets before `step`."""
+
+    def observe_pass(self, probs_ulb: Tensor, probs_val: Tensor, y_val: Tensor, step: int) -> None:
+        """The EMA model's class probabilities over U (N_U, C) and over the validation split (N_V, C) with its
+        labels (N_V,); never the unlabeled ground truth."""
+
+    def metrics(self) -> dict[str, Tensor]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class NoExtension(Stateless):
+    heads: dict[str, nn.Module] = {}
+    eval_head = None
+
+    def refine(self, probs: Tensor, idx_ulb: Tensor, step: int) -> Tensor:
+        return probs
+
+    def loss(self, view: StepView) -> ExtensionOutput:
+        return ExtensionOutput(loss=view.feats.new_zeros((), dtype=torch.float32))
+
+    def wants_pass(self, step: int) -> bool:
+        return False
+
+    def observe_pass(self, probs_ulb: Tensor, probs_val: Tensor, y_val: Tensor, step: int) -> None:
+        pass
+
+
+@dataclass
 class Method:
     pseudo_label: PseudoLabelTransform
     labeled_loss: LabeledLoss
     unlabeled_weighting: UnlabeledWeighting
+    extension: Extension = field(default_factory=NoExtension)
     #: trains on the labeled set alone (supervised baselines): the loop skips the unlabeled views, the pseudo-labels
     #: and the unlabeled loss, and evaluates the trained model rather than its EMA
     labeled_only: bool = False
 
     def metrics(self) -> dict[str, Tensor]:
-        return {**self.pseudo_label.metrics(), **self.unlabeled_weighting.metrics()}
+        return {**self.pseudo_label.metrics(), **self.unlabeled_weighting.metrics(), **self.extension.metrics()}
 
     def state_dict(self) -> dict:
         return {
             "pseudo_label": self.pseudo_label.state_dict(),
             "unlabeled_weighting": self.unlabeled_weighting.state_dict(),
+            "extension": self.extension.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.pseudo_label.load_state_dict(state["pseudo_label"])
         self.unlabeled_weighting.load_state_dict(state["unlabeled_weighting"])
+        self.extension.load_state_dict(state.get("extension", {}))

@@ -195,13 +195,19 @@ class DasoPseudoLabel:
         loss = probs_w.new_zeros((), dtype=torch.float32)
         if step < self.warmup:
             return PseudoLabelOutput(probs=probs_w, loss=loss, diagnostics=diagnostics)
+        v = self.v
         with torch.no_grad():
-            probs = daso_blend(probs_w, q, self.v)
+            probs = daso_blend(probs_w, q, v)
+
+        def blend(p: Tensor) -> Tensor:  # another head's distribution, blended with the same q and v (DASO + ABC)
+            return daso_blend(p, q, v)
+
+        logs = {}
         if self.lambda_align > 0:
             loss_align = semantic_alignment_loss(q, feat_s, protos, has_proto, self.t_proto)
             loss = self.lambda_align * loss_align
-            return PseudoLabelOutput(probs, loss, diagnostics, logs={"loss_align": loss_align.detach()})
-        return PseudoLabelOutput(probs=probs, loss=loss, diagnostics=diagnostics)
+            logs["loss_align"] = loss_align.detach()
+        return PseudoLabelOutput(probs, loss, diagnostics, logs=logs, transform=blend)
 
     def enqueue(self, feat_lb_ema: Tensor | None, y_lb: Tensor) -> None:
         """Push the labeled batch's EMA features (B, D) with labels (B,) into the per-class queue."""
