@@ -80,6 +80,36 @@ class ImageStore:
             yield start, self.gather(idx)
 
 
+class GrownStore:
+    """A labeled store grown by some images of another store (CReST's selections): index i < len(base) is the base
+    store's image i, index len(base) + j is `other`'s image picks[j]. Serves batches like an ImageStore."""
+
+    def __init__(self, base: ImageStore, other: ImageStore, picks: Tensor):
+        self.base, self.other, self.picks = base, other, picks.cpu()
+        self.device = base.device
+
+    def __len__(self) -> int:
+        return len(self.base) + len(self.picks)
+
+    def gather(self, idx: Tensor) -> Tensor:
+        idx = idx.cpu()
+        from_base = idx < len(self.base)
+        if bool(from_base.all()):
+            return self.base.gather(idx)
+        if not bool(from_base.any()):
+            return self.other.gather(self.picks[idx - len(self.base)])
+        first = self.base.gather(idx[from_base])
+        second = self.other.gather(self.picks[idx[~from_base] - len(self.base)])
+        out = first.new_empty((len(idx), *first.shape[1:]))
+        out.index_copy_(0, torch.nonzero(from_base).view(-1).to(out.device, non_blocking=True), first)
+        out.index_copy_(0, torch.nonzero(~from_base).view(-1).to(out.device, non_blocking=True), second)
+        return out
+
+    def chunks(self, batch_size: int):
+        for start in range(0, len(self), batch_size):
+            yield start, self.gather(torch.arange(start, min(start + batch_size, len(self))))
+
+
 def to_nchw(x: Tensor) -> Tensor:
     # (N, H, W, 3) uint8 -> (N, 3, H, W), contiguous so the augmentations index it cheaply
     return x.permute(0, 3, 1, 2).contiguous()

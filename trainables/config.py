@@ -40,11 +40,13 @@ PresetName = Literal[
     "fixmatch_la_darp",
     "fixmatch_abc",
     "fixmatch_abc_daso",
+    "fixmatch_crest",
+    "fixmatch_crest_plus",
 ]
-PseudoLabelName = Literal["none", "daso"]
+PseudoLabelName = Literal["none", "daso", "dist_align"]
 LabeledLossName = Literal["none", "class_balanced", "logit_adjustment"]
 UnlabeledWeightName = Literal["none", "drw"]
-ExtensionName = Literal["none", "darp", "abc"]
+ExtensionName = Literal["none", "darp", "abc", "crest"]
 
 # preset -> (pseudo-label transform, labeled-loss weighting, unlabeled-loss weighting, extension)
 PRESETS: dict[str, tuple[PseudoLabelName, LabeledLossName, UnlabeledWeightName, ExtensionName]] = {
@@ -61,6 +63,8 @@ PRESETS: dict[str, tuple[PseudoLabelName, LabeledLossName, UnlabeledWeightName, 
     "fixmatch_la_darp": ("none", "logit_adjustment", "none", "darp"),
     "fixmatch_abc": ("none", "none", "none", "abc"),
     "fixmatch_abc_daso": ("daso", "none", "none", "abc"),
+    "fixmatch_crest": ("none", "none", "none", "crest"),
+    "fixmatch_crest_plus": ("dist_align", "none", "none", "crest"),
 }
 #: presets trained on the labeled set alone (the papers' first rows): no unlabeled forward, no pseudo-labels, and
 #: evaluated on the trained model itself, as the DASO reference's `Supervised` algorithm evaluates (no EMA)
@@ -403,6 +407,23 @@ class AbcConfig(Frozen):
     )
 
 
+class CrestConfig(Frozen):
+    """CReST (Wei et al., CVPR 2021): self-training generations; at each one's end the EMA model's most confident
+    predictions on U join the labeled set, class k at rate (N_{C+1-k} / N_1)^(1 / alpha), and training restarts
+    from a fresh model on the grown set. A generation is train.iterations / generations iterations."""
+
+    generations: int = Field(5, ge=1, description="self-training generations (the reference: 5 of 50,000 iterations)")
+    alpha: float = Field(3.0, gt=0, description="selection-rate exponent: class k keeps (N_{C+1-k} / N_1)^(1/alpha)")
+
+
+class DaConfig(Frozen):
+    """CReST+'s progressive distribution alignment: the weak-view distribution is rescaled toward the labeled
+    distribution raised to t, t falling linearly from 1 in the first generation to t_min in the last."""
+
+    t_min: float = Field(0.5, gt=0, le=1, description="the alignment temperature of the last generation")
+    queue: int = Field(128, ge=1, description="batches whose mean prediction is the running model distribution")
+
+
 class MethodConfig(Frozen):
     preset: PresetName = "fixmatch"
     daso: DasoConfig | None = None
@@ -410,6 +431,8 @@ class MethodConfig(Frozen):
     la: LaConfig | None = None
     darp: DarpConfig | None = None
     abc: AbcConfig | None = None
+    crest: CrestConfig | None = None
+    da: DaConfig | None = None
     posthoc_la_tau: float = Field(1.0, ge=0, description="tau of the post-hoc LA reported as val/top1_la")
 
     @model_validator(mode="before")
@@ -443,12 +466,13 @@ class MethodConfig(Frozen):
         return self.preset in LABELED_ONLY
 
 
-METHOD_BLOCKS = ("daso", "drw", "la", "darp", "abc")  # MethodConfig's parameter blocks
+METHOD_BLOCKS = ("daso", "drw", "la", "darp", "abc", "crest", "da")  # MethodConfig's parameter blocks
 
 
 def preset_uses(preset: str, block: str) -> bool:
     """Whether `preset` has the parameter block `block` (one of METHOD_BLOCKS): DASO's, DRw's beta (class-balanced
-    labeled weights or dynamic unlabeled weights), logit adjustment's, DARP's or ABC's."""
+    labeled weights or dynamic unlabeled weights), logit adjustment's, DARP's, ABC's, CReST's or its distribution
+    alignment's."""
     pseudo, labeled, unlabeled, extension = PRESETS[preset]
     return {
         "daso": pseudo == "daso",
@@ -456,6 +480,8 @@ def preset_uses(preset: str, block: str) -> bool:
         "la": labeled == "logit_adjustment",
         "darp": extension == "darp",
         "abc": extension == "abc",
+        "crest": extension == "crest",
+        "da": pseudo == "dist_align",
     }[block]
 
 
@@ -474,6 +500,12 @@ class RunConfig(Frozen):
         darp, classes = self.method.darp, self.data.num_classes
         if darp is not None and isinstance(darp.target, list) and classes is not None and len(darp.target) != classes:
             raise ValueError(f"method.darp.target lists {len(darp.target)} shares; the data set has {classes} classes")
+        crest = self.method.crest
+        if crest is not None and self.train.iterations % crest.generations:
+            raise ValueError(
+                f"train.iterations ({self.train.iterations}) must be a multiple of method.crest.generations "
+                f"({crest.generations}): every generation runs the same number of iterations"
+            )
         return self
 
 

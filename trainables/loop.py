@@ -32,7 +32,7 @@ from torch import Tensor
 
 from trainables import checkpoint
 from trainables.augment import normalize, resize, strong_augment, weak_augment
-from trainables.batches import ImageStore, IndexStream
+from trainables.batches import GrownStore, ImageStore, IndexStream
 from trainables.config import OptimConfig, RunConfig
 from trainables.data import build_data, describe_counts, split_counts
 from trainables.data.base import SSLData, image_side
@@ -144,25 +144,11 @@ class Run:
                 tau=t.tau,
             ),
         )
-        # the extension's heads (ABC's classifier) join the model: optimised, EMA-averaged and saved with it
         self.heads = self.method.extension.heads
-        if self.heads:
-            self.model.heads = torch.nn.ModuleDict(self.heads)
-        self.model = self.model.to(rt.device)
-        if rt.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.ema = ModelEMA(self.model, t.ema_decay)
-        o = cfg.optim
-        decay, no_decay = [], []
-        for p in self.model.parameters():
-            # FixMatch: no weight decay on BN and biases; the DASO reference decays every parameter
-            (no_decay if p.ndim <= 1 and o.weight_decay_on == "weights" else decay).append(p)
-        self.optimizer = torch.optim.SGD(
-            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr,
-            momentum=o.momentum,
-            nesterov=o.nesterov,
-        )
+        self._start_training(self.model)
+        # self-training generations (CReST): equal parts of training, each with its own schedule
+        self.generation_length = t.iterations // self.method.extension.generations
+        self.base_lb_store, self.base_y_lb = self.lb_store, self.y_lb
         self.forward = self._features_and_logits
         if t.compile:
             self.forward = torch.compile(self._features_and_logits)
@@ -173,10 +159,52 @@ class Run:
         self.cutout_px = cfg.data.augment.cutout_px(side, cfg.data.dataset)
         daso_cfg = cfg.method.daso
         self.ema_bn = daso_cfg.ema_bn if daso_cfg is not None else "batch"
-        # the EMA copy's BatchNorm layers, found once (the training step toggles them for DASO's queue forward)
-        self.ema_norms = [m for m in self.ema.module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         self.history = EvalHistory()
         self.step = 0  # iterations completed
+
+    def _start_training(self, model: torch.nn.Module) -> None:
+        """`model` (freshly built) becomes the trained model, with its EMA copy and a new optimiser. The
+        extension's heads (ABC's classifier) join it: optimised, EMA-averaged and saved with it."""
+        t, o = self.cfg.train, self.cfg.optim
+        if self.heads:
+            model.heads = torch.nn.ModuleDict(self.heads)
+        self.model = model.to(self.rt.device)
+        if self.rt.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ema = ModelEMA(self.model, t.ema_decay)
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            # FixMatch: no weight decay on BN and biases; the DASO reference decays every parameter
+            (no_decay if p.ndim <= 1 and o.weight_decay_on == "weights" else decay).append(p)
+        self.optimizer = torch.optim.SGD(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr,
+            momentum=o.momentum,
+            nesterov=o.nesterov,
+        )
+        # the EMA copy's BatchNorm layers, found once (the training step toggles them for DASO's queue forward)
+        self.ema_norms = [m for m in self.ema.module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+    def _new_generation(self) -> None:
+        """CReST: the evaluated EMA model predicts U, the extension picks the samples that join the original labeled
+        set, and training restarts from a fresh model on the grown set."""
+        probs = predict_logits(self.eval_logits, self.ulb_store, self.prep, self.cfg.train.eval_batch_size).softmax(1)
+        self._use_labeled(*self.method.extension.new_generation(probs))
+        self._start_training(build_model(self.cfg.model, self.data.num_classes))
+
+    def _use_labeled(self, picks: Tensor, labels: Tensor) -> None:
+        """The labeled set: the original one plus the unlabeled images `picks` with labels `labels`."""
+        if len(picks) == 0:
+            self.lb_store, self.y_lb = self.base_lb_store, self.base_y_lb
+            self.lb_stream = IndexStream(len(self.lb_store), self.cfg.train.batch_size, self.cfg.train.seed, stream=0)
+            return
+        self.lb_store = GrownStore(self.base_lb_store, self.ulb_store, picks)
+        self.y_lb = torch.cat([self.base_y_lb, labels.to(self.rt.device)])
+        self.lb_stream = IndexStream(len(self.lb_store), self.cfg.train.batch_size, self.cfg.train.seed, stream=2)
+
+    def lr_at(self, step: int) -> float:
+        """Step `step`'s learning rate: the schedule runs over each generation (the whole run when there is one)."""
+        return lr_at(step % self.generation_length, self.generation_length, self.cfg.optim)
 
     # ---- one step -------------------------------------------------------------------------------------------
     def _features_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -192,6 +220,8 @@ class Run:
 
     def train_step(self, window: Window) -> None:
         step, t, method = self.step, self.cfg.train, self.method
+        if step > 0 and step % self.generation_length == 0:
+            self._new_generation()
         if method.unlabeled_weighting.wants_pass(step):
             probs = predict_logits(self.ema_logits, self.ulb_store, self.prep, t.eval_batch_size).softmax(1)
             mask, pseudo_label = fixmatch_mask(probs, t.tau)
@@ -263,7 +293,7 @@ class Run:
         self.step += 1
 
     def _sgd_step(self, loss: Tensor) -> None:
-        lr = lr_at(self.step, self.cfg.train.iterations, self.cfg.optim)
+        lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
@@ -367,6 +397,7 @@ class Run:
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.method.load_state_dict(state["method"])
+        self._use_labeled(*self.method.extension.additions())
         self.history.load_state_dict(state["history"])
         self.aug_gen.set_state(state["aug_generator"])
         checkpoint.restore_rng(state["rng"])
@@ -482,7 +513,7 @@ def train(
             torch.cuda.synchronize()
         elapsed = time.monotonic() - window_t0
         metrics = {"step": run.step, **window.summarise(data.unlabeled_truth, data.num_classes, run.groups)}
-        metrics["train/lr"] = lr_at(run.step - 1, t.iterations, cfg.optim)
+        metrics["train/lr"] = run.lr_at(run.step - 1)
         metrics["train/it_per_s"] = window.steps / max(elapsed, 1e-9)
         check_finite(run, metrics)  # before anything is written: no poisoned checkpoint, no NaN curves
         eval_metrics, logits = run.evaluate()

@@ -30,6 +30,7 @@ from trainables.methods.base import (
     PseudoLabelTransform,
     UnlabeledWeighting,
 )
+from trainables.methods.crest import CrestGenerations, ProgressiveAlignment
 from trainables.methods.darp import DarpRefinement
 from trainables.methods.daso import DasoPseudoLabel, resolve_t_dist
 from trainables.methods.drw import ClassBalancedCE, DynamicReweighting
@@ -109,6 +110,14 @@ def _labeled_counts(ctx: MethodContext):
 PSEUDO_LABEL: dict[PseudoLabelName, Callable[[MethodConfig, MethodContext], PseudoLabelTransform]] = {
     "none": lambda cfg, ctx: LinearPseudoLabel(),
     "daso": lambda cfg, ctx: daso(cfg.daso, ctx),
+    "dist_align": lambda cfg, ctx: ProgressiveAlignment(
+        ctx.labeled_counts,
+        ctx.device,
+        iterations=ctx.iterations,
+        generations=cfg.crest.generations if cfg.crest is not None else 1,
+        t_min=cfg.da.t_min,
+        queue=cfg.da.queue,
+    ),
 }
 LABELED_LOSS: dict[LabeledLossName, Callable[[MethodConfig, MethodContext], LabeledLoss]] = {
     "none": lambda cfg, ctx: PlainCE(),
@@ -123,6 +132,9 @@ EXTENSION: dict[ExtensionName, Callable[[MethodConfig, MethodContext], Extension
     "none": lambda cfg, ctx: NoExtension(),
     "darp": lambda cfg, ctx: darp(cfg.darp, ctx),
     "abc": lambda cfg, ctx: abc(cfg.abc, ctx),
+    "crest": lambda cfg, ctx: CrestGenerations(
+        ctx.labeled_counts, generations=cfg.crest.generations, alpha=cfg.crest.alpha
+    ),
 }
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainables.methods.base import ExtensionOutput, Stateless, StepView
+from trainables.methods.base import ExtensionOutput, NoExtension, StepView
 
 
 def balanced_keep_rate(counts: Tensor) -> Tensor:
@@ -59,7 +59,7 @@ def abc_loss(
     return cls, con
 
 
-class AuxiliaryBalancedClassifier(Stateless):
+class AuxiliaryBalancedClassifier(NoExtension):
     """ABC as an extension: one head "abc" (xavier-normal weights, zero bias, as the reference's classifier),
     its loss added to FixMatch's with `weight`, and the head evaluated. Its Bernoulli draws come from a generator
     of its own, saved with the run."""
@@ -86,9 +86,6 @@ class AuxiliaryBalancedClassifier(Stateless):
         self.eval_head = "abc"
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
-    def refine(self, probs: Tensor, idx_ulb: Tensor, step: int) -> Tensor:
-        return probs
-
     def loss(self, view: StepView) -> ExtensionOutput:
         b = view.batch
         logits = view.head_logits["abc"]
@@ -107,12 +104,6 @@ class AuxiliaryBalancedClassifier(Stateless):
             logs={"loss_abc": total.detach(), "abc_mask_ratio": mask_u.mean()},
             diagnostics={"pl_abc": predicted},
         )
-
-    def wants_pass(self, step: int) -> bool:
-        return False
-
-    def observe_pass(self, probs_ulb: Tensor, probs_val: Tensor, y_val: Tensor, step: int) -> None:
-        pass
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

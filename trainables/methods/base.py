@@ -174,13 +174,17 @@ class ExtensionOutput:
 
 class Extension(Protocol):
     """Called per step as `refine` (on the final pseudo-label distribution, before the mask) and `loss` (after
-    the forward); `wants_pass` / `observe_pass` before the step when the method needs whole-set predictions."""
+    the forward); `wants_pass` / `observe_pass` before the step when the method needs whole-set predictions;
+    `new_generation` at the start of each self-training generation after the first."""
 
     #: trainable modules on the encoder's features, by name; the loop attaches them to the model, so they are
     #: optimised, EMA-averaged and checkpointed with it
     heads: dict[str, nn.Module]
     #: the head evaluated (and used for the post-hoc numbers) in place of the classifier; None = the classifier
     eval_head: str | None
+    #: self-training generations G (1: one run). Training is split into G equal parts; each after the first starts
+    #: from a fresh model, EMA, optimiser and learning-rate schedule on the labeled set grown by `new_generation`
+    generations: int
 
     def refine(self, probs: Tensor, idx_ulb: Tensor, step: int) -> Tensor:
         """probs (U, C) final weak-view distribution of the unlabeled samples idx_ulb (U,) -> refined (U, C)."""
@@ -194,6 +198,13 @@ class Extension(Protocol):
         """The EMA model's class probabilities over U (N_U, C) and over the validation split (N_V, C) with its
         labels (N_V,); never the unlabeled ground truth."""
 
+    def new_generation(self, probs_ulb: Tensor) -> tuple[Tensor, Tensor]:
+        """The evaluated EMA model's probabilities over U -> (indices into U, labels) added to the original
+        labeled set for the generation that starts now."""
+
+    def additions(self) -> tuple[Tensor, Tensor]:
+        """The current generation's additions (indices into U, labels), empty in the first; restored on resume."""
+
     def metrics(self) -> dict[str, Tensor]: ...
 
     def state_dict(self) -> dict: ...
@@ -202,8 +213,11 @@ class Extension(Protocol):
 
 
 class NoExtension(Stateless):
-    heads: dict[str, nn.Module] = {}
-    eval_head = None
+    """No extension; the defaults that extensions override."""
+
+    heads: dict[str, nn.Module] = {}  # noqa: RUF012  (never mutated; an extension with heads sets its own)
+    eval_head: str | None = None
+    generations = 1
 
     def refine(self, probs: Tensor, idx_ulb: Tensor, step: int) -> Tensor:
         return probs
@@ -216,6 +230,13 @@ class NoExtension(Stateless):
 
     def observe_pass(self, probs_ulb: Tensor, probs_val: Tensor, y_val: Tensor, step: int) -> None:
         pass
+
+    def new_generation(self, probs_ulb: Tensor) -> tuple[Tensor, Tensor]:
+        raise RuntimeError(f"{type(self).__name__} runs a single generation")
+
+    def additions(self) -> tuple[Tensor, Tensor]:
+        empty = torch.empty(0, dtype=torch.int64)
+        return empty, empty
 
 
 @dataclass

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor
 
-from trainables.methods.base import ExtensionOutput, StepView
+from trainables.methods.base import NoExtension
 
 EPS = 1e-6
 
@@ -119,15 +119,12 @@ def estimate_distribution(probs_val: Tensor, y_val: Tensor, probs_ulb: Tensor) -
     return q / q.sum()
 
 
-class DarpRefinement:
+class DarpRefinement(NoExtension):
     """DARP as an extension. State (saved with the run): the latest weak-view distribution of every unlabeled
     sample (uniform until first seen), the refined labels of the last solve (uniform before it), and the target
     counts once known. Step k (0-based) is the reference's call k + 1: up to int(warmup K) calls the batch keeps
     its own distribution; after that, every `every`-th call re-solves over the whole set, and every call trains
     on the refined rows of its samples (uniform, so masked, until the first solve)."""
-
-    heads: dict = {}
-    eval_head = None
 
     def __init__(
         self,
@@ -168,9 +165,6 @@ class DarpRefinement:
             self.refined = refine_pseudo_labels(scaled, self.target, self.solver_iters).to(self.device, torch.float32)
             self.solves += 1
         return self.refined[idx].to(probs.dtype)
-
-    def loss(self, view: StepView) -> ExtensionOutput:
-        return ExtensionOutput(loss=view.feats.new_zeros((), dtype=torch.float32))
 
     def wants_pass(self, step: int) -> bool:
         return self.target is None and step + 1 > self.warmup_steps

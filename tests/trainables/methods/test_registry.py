@@ -16,6 +16,7 @@ from trainables.losses import fixmatch_mask, unlabeled_ce
 from trainables.methods import EXTENSION, LABELED_LOSS, PSEUDO_LABEL, UNLABELED_WEIGHTING, build_method
 from trainables.methods.abc import AuxiliaryBalancedClassifier
 from trainables.methods.base import MethodContext, StepView
+from trainables.methods.crest import CrestGenerations, ProgressiveAlignment
 from trainables.methods.darp import DarpRefinement
 from trainables.methods.daso import DasoPseudoLabel
 from trainables.methods.drw import ClassBalancedCE, DynamicReweighting
@@ -41,6 +42,8 @@ EXPECTED_TYPES = {
     "drw": DynamicReweighting,
     "darp": DarpRefinement,
     "abc": AuxiliaryBalancedClassifier,
+    "crest": CrestGenerations,
+    "dist_align": ProgressiveAlignment,
 }
 
 
@@ -56,6 +59,10 @@ def method_config(preset: str) -> MethodConfig:
         raw["darp"] = {"warmup": 0.3, "every": 2, "alpha": 1.0}
     if extension == "abc":
         raw["abc"] = {"stairs": 5}
+    if extension == "crest":
+        raw["crest"] = {"generations": 2}
+    if pseudo == "dist_align":
+        raw["da"] = {"queue": 3}
     return MethodConfig.model_validate(raw)
 
 
