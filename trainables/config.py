@@ -42,11 +42,12 @@ PresetName = Literal[
     "fixmatch_abc_daso",
     "fixmatch_crest",
     "fixmatch_crest_plus",
+    "fixmatch_acr",
 ]
 PseudoLabelName = Literal["none", "daso", "dist_align"]
 LabeledLossName = Literal["none", "class_balanced", "logit_adjustment"]
 UnlabeledWeightName = Literal["none", "drw"]
-ExtensionName = Literal["none", "darp", "abc", "crest"]
+ExtensionName = Literal["none", "darp", "abc", "crest", "acr"]
 
 # preset -> (pseudo-label transform, labeled-loss weighting, unlabeled-loss weighting, extension)
 PRESETS: dict[str, tuple[PseudoLabelName, LabeledLossName, UnlabeledWeightName, ExtensionName]] = {
@@ -65,6 +66,7 @@ PRESETS: dict[str, tuple[PseudoLabelName, LabeledLossName, UnlabeledWeightName, 
     "fixmatch_abc_daso": ("daso", "none", "none", "abc"),
     "fixmatch_crest": ("none", "none", "none", "crest"),
     "fixmatch_crest_plus": ("dist_align", "none", "none", "crest"),
+    "fixmatch_acr": ("none", "none", "none", "acr"),
 }
 #: presets trained on the labeled set alone (the papers' first rows): no unlabeled forward, no pseudo-labels, and
 #: evaluated on the trained model itself, as the DASO reference's `Supervised` algorithm evaluates (no EMA)
@@ -424,6 +426,18 @@ class DaConfig(Frozen):
     queue: int = Field(128, ge=1, description="batches whose mean prediction is the running model distribution")
 
 
+class AcrConfig(Frozen):
+    """ACR (Wei and Gan, CVPR 2023): a balanced head with logit adjustment, consistency on two strong views, and a
+    pseudo-label adjustment tau_1 that adapts to the estimated unlabeled distribution; the reference's defaults."""
+
+    tau1: float = Field(2.0, ge=0, description="tau_max of the adaptive pseudo-label adjustment (its start value)")
+    tau12: float = Field(2.0, ge=0, description="adjustment of the balanced head's consistency targets")
+    tau2: float = Field(2.0, ge=0, description="logit adjustment of the balanced head's labeled loss")
+    ema_u: float = Field(0.99, ge=0, lt=1, description="EMA rate of the unlabeled distribution estimate")
+    epoch: int = Field(500, ge=1, description="iterations per epoch: tau_1 is updated at each epoch's start")
+    est_epoch: int = Field(5, ge=0, description="epochs before the estimate starts")
+
+
 class MethodConfig(Frozen):
     preset: PresetName = "fixmatch"
     daso: DasoConfig | None = None
@@ -433,6 +447,7 @@ class MethodConfig(Frozen):
     abc: AbcConfig | None = None
     crest: CrestConfig | None = None
     da: DaConfig | None = None
+    acr: AcrConfig | None = None
     posthoc_la_tau: float = Field(1.0, ge=0, description="tau of the post-hoc LA reported as val/top1_la")
 
     @model_validator(mode="before")
@@ -466,13 +481,13 @@ class MethodConfig(Frozen):
         return self.preset in LABELED_ONLY
 
 
-METHOD_BLOCKS = ("daso", "drw", "la", "darp", "abc", "crest", "da")  # MethodConfig's parameter blocks
+METHOD_BLOCKS = ("daso", "drw", "la", "darp", "abc", "crest", "da", "acr")  # MethodConfig's parameter blocks
 
 
 def preset_uses(preset: str, block: str) -> bool:
     """Whether `preset` has the parameter block `block` (one of METHOD_BLOCKS): DASO's, DRw's beta (class-balanced
-    labeled weights or dynamic unlabeled weights), logit adjustment's, DARP's, ABC's, CReST's or its distribution
-    alignment's."""
+    labeled weights or dynamic unlabeled weights), logit adjustment's, DARP's, ABC's, CReST's, its distribution
+    alignment's or ACR's."""
     pseudo, labeled, unlabeled, extension = PRESETS[preset]
     return {
         "daso": pseudo == "daso",
@@ -482,6 +497,7 @@ def preset_uses(preset: str, block: str) -> bool:
         "abc": extension == "abc",
         "crest": extension == "crest",
         "da": pseudo == "dist_align",
+        "acr": extension == "acr",
     }[block]
 
 

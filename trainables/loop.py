@@ -240,15 +240,19 @@ class Run:
         y_lb = self.y_lb[idx_lb.to(self.rt.device, non_blocking=True)]  # no stream sync
         x_lb = self.prep(weak_augment(x_lb_u8, self.aug_gen, self.crop_pad))
         x_ulb_w = self.prep(weak_augment(x_ulb_u8, self.aug_gen, self.crop_pad))
-        x_ulb_s = self.prep(strong_augment(x_ulb_u8, self.aug_gen, cutout=self.cutout_px, pad=self.crop_pad))
-        self.learn(x_lb, y_lb, x_ulb_w, x_ulb_s, idx_ulb, window)
+        views = [
+            self.prep(strong_augment(x_ulb_u8, self.aug_gen, cutout=self.cutout_px, pad=self.crop_pad))
+            for _ in range(method.extension.strong_views)
+        ]
+        self.learn(x_lb, y_lb, x_ulb_w, views[0] if len(views) == 1 else torch.cat(views), idx_ulb, window)
 
     def learn(self, x_lb: Tensor, y_lb: Tensor, x_ulb_w: Tensor, x_ulb_s: Tensor, idx_ulb: Tensor, window: Window):
         """The step's learning on prepared views (normalised float, on the device): the DASO queue, one forward,
         the losses, SGD, EMA, the method's observations. `train_step` feeds it; so does the benchmark's
-        reference-style pipeline, whose views come from a DataLoader."""
+        reference-style pipeline, whose views come from a DataLoader. x_ulb_s holds the extension's strong views
+        of the U samples one after the other (one view but for ACR)."""
         step, t, method = self.step, self.cfg.train, self.method
-        b, u = len(x_lb), len(x_ulb_w)
+        b, u, s = len(x_lb), len(x_ulb_w), len(x_ulb_s)
 
         if method.pseudo_label.needs_ema_labeled_features:
             # the reference's order: the labeled batch enters the queue (EMA encoder of the previous step)
@@ -259,17 +263,22 @@ class Run:
             feats, logits = self.forward(torch.cat([x_lb, x_ulb_w, x_ulb_s]))
             head_logits = {name: head(feats).float() for name, head in self.heads.items()}
         feats, logits = feats.float(), logits.float()
-        logits_x_lb, logits_x_ulb_w, logits_x_ulb_s = logits.split([b, u, u])
-        _, feat_ulb_w, feat_ulb_s = feats.split([b, u, u])
+        logits_x_lb, logits_x_ulb_w, logits_x_ulb_s = logits.split([b, u, s])
+        _, feat_ulb_w, feat_ulb_s = feats.split([b, u, s])
+        logits_x_ulb_s, feat_ulb_s = logits_x_ulb_s[:u], feat_ulb_s[:u]  # FixMatch's terms use the first view
 
         probs_w = logits_x_ulb_w.detach().softmax(dim=1)
         pl = method.pseudo_label(probs_w, feat_ulb_w.detach(), feat_ulb_s, step)
         with torch.no_grad():
             probs = method.extension.refine(pl.probs, idx_ulb, step)
-        mask, pseudo_label = fixmatch_mask(probs, t.tau)
+        ext = method.extension.loss(StepView(feats, head_logits, y_lb, b, pl, step, logits))
+        if ext.unlabeled is None:
+            mask, pseudo_label = fixmatch_mask(probs, t.tau)
+            weights = method.unlabeled_weighting.class_weights(step)
+            loss_u = unlabeled_ce(logits_x_ulb_s, pseudo_label, mask, weights)
+        else:  # the extension's own consistency term (ACR)
+            loss_u, pseudo_label, mask = ext.unlabeled
         loss_x = method.labeled_loss(logits_x_lb, y_lb)
-        loss_u = unlabeled_ce(logits_x_ulb_s, pseudo_label, mask, method.unlabeled_weighting.class_weights(step))
-        ext = method.extension.loss(StepView(feats, head_logits, y_lb, b, pl, step))
         loss = loss_x + t.lambda_u * loss_u + pl.loss + ext.loss
 
         self._sgd_step(loss)

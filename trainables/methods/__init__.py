@@ -18,6 +18,7 @@ from trainables.config import (
     UnlabeledWeightName,
 )
 from trainables.methods.abc import AuxiliaryBalancedClassifier
+from trainables.methods.acr import AdaptiveConsistency
 from trainables.methods.base import (
     Extension,
     LabeledLoss,
@@ -132,6 +133,18 @@ EXTENSION: dict[ExtensionName, Callable[[MethodConfig, MethodContext], Extension
     "none": lambda cfg, ctx: NoExtension(),
     "darp": lambda cfg, ctx: darp(cfg.darp, ctx),
     "abc": lambda cfg, ctx: abc(cfg.abc, ctx),
+    "acr": lambda cfg, ctx: AdaptiveConsistency(
+        ctx.labeled_counts,
+        ctx.feature_dim,
+        ctx.device,
+        tau=ctx.tau,
+        tau1=cfg.acr.tau1,
+        tau12=cfg.acr.tau12,
+        tau2=cfg.acr.tau2,
+        ema_u=cfg.acr.ema_u,
+        epoch=cfg.acr.epoch,
+        est_epoch=cfg.acr.est_epoch,
+    ),
     "crest": lambda cfg, ctx: CrestGenerations(
         ctx.labeled_counts, generations=cfg.crest.generations, alpha=cfg.crest.alpha
     ),

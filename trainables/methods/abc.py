@@ -15,9 +15,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from trainables.methods.base import ExtensionOutput, NoExtension, StepView
+from trainables.methods.base import ExtensionOutput, NoExtension, StepView, linear_head
 
 
 def balanced_keep_rate(counts: Tensor) -> Tensor:
@@ -79,10 +79,7 @@ class AuxiliaryBalancedClassifier(NoExtension):
         self.device = torch.device(device)
         self.balanced = balanced_keep_rate(labeled_counts).to(self.device)
         self.iterations, self.tau, self.weight, self.stairs = iterations, tau, weight, stairs
-        head = nn.Linear(feature_dim, len(labeled_counts))
-        nn.init.xavier_normal_(head.weight)
-        nn.init.zeros_(head.bias)
-        self.heads = {"abc": head}
+        self.heads = {"abc": linear_head(feature_dim, len(labeled_counts))}
         self.eval_head = "abc"
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 

@@ -153,16 +153,27 @@ class NoWeighting(Stateless):
         pass
 
 
+def linear_head(feature_dim: int, num_classes: int) -> nn.Linear:
+    """A classifier head on the encoder's features, initialised as the references' classifiers: xavier-normal
+    weights, zero bias."""
+    head = nn.Linear(feature_dim, num_classes)
+    nn.init.xavier_normal_(head.weight)
+    nn.init.zeros_(head.bias)
+    return head
+
+
 @dataclass
 class StepView:
-    """What an extension's loss sees of one step, all on the device. Rows are [labeled B, weak U, strong U]."""
+    """What an extension's loss sees of one step, all on the device. Rows are [labeled B, weak U, strong U] and,
+    with `Extension.strong_views` = 2, a second strong view of the same U samples after them."""
 
-    feats: Tensor  # (B + 2U, D) encoder features, with grad
+    feats: Tensor  # (B + (1 + S) U, D) encoder features, with grad
     head_logits: dict[str, Tensor]  # each of the extension's heads over the same rows, with grad
     y_lb: Tensor  # (B,)
     batch: int  # B
     pseudo_label: PseudoLabelOutput  # this step's pseudo-label transform, to apply to a head's own distribution
     step: int
+    logits: Tensor | None = None  # the classifier's logits over the same rows, with grad
 
 
 @dataclass
@@ -170,6 +181,9 @@ class ExtensionOutput:
     loss: Tensor  # scalar, already weighted; added to L
     logs: dict[str, Tensor] = field(default_factory=dict)  # averaged over the window as train/<key>
     diagnostics: dict[str, Tensor] = field(default_factory=dict)  # hard labels (U,) measured like pl/, by prefix
+    #: (L_u, hard pseudo-labels (U,), mask (U,)) replacing FixMatch's unlabeled term and what the loop records
+    #: and the other components observe (ACR's consistency over two strong views); None = FixMatch's
+    unlabeled: tuple[Tensor, Tensor, Tensor] | None = None
 
 
 class Extension(Protocol):
@@ -185,6 +199,8 @@ class Extension(Protocol):
     #: self-training generations G (1: one run). Training is split into G equal parts; each after the first starts
     #: from a fresh model, EMA, optimiser and learning-rate schedule on the labeled set grown by `new_generation`
     generations: int
+    #: strong views of each unlabeled sample per step (ACR: 2); the loop builds and forwards them all
+    strong_views: int
 
     def refine(self, probs: Tensor, idx_ulb: Tensor, step: int) -> Tensor:
         """probs (U, C) final weak-view distribution of the unlabeled samples idx_ulb (U,) -> refined (U, C)."""
@@ -218,6 +234,7 @@ class NoExtension(Stateless):
     heads: dict[str, nn.Module] = {}  # noqa: RUF012  (never mutated; an extension with heads sets its own)
     eval_head: str | None = None
     generations = 1
+    strong_views = 1
 
     def refine(self, probs: Tensor, idx_ulb: Tensor, step: int) -> Tensor:
         return probs

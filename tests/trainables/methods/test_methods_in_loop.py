@@ -102,9 +102,7 @@ def test_drw_with_beta_zero_is_fixmatch(tmp_path, data):
     assert {k for k in drw if k not in plain} == {k for k in drw if k.startswith("drw/")}
     plain_traj, drw_traj = trajectory(tmp_path / "plain"), trajectory(tmp_path / "drw")
     assert [{k: m[k] for k in p} for p, m in zip(plain_traj, drw_traj, strict=True)] == plain_traj
-    assert (
-        max(m["train/mask_ratio"] for m in plain_traj) > 0
-    )  # the unlabeled loss (and its weights) took part
+    assert max(m["train/mask_ratio"] for m in plain_traj) > 0  # the unlabeled loss (and its weights) took part
     assert_same_tensors(final_model(tmp_path / "plain"), final_model(tmp_path / "drw"))
 
 
@@ -151,9 +149,7 @@ def test_unlabeled_truth_never_reaches_training(tmp_path, data):
     shuffled = np.random.default_rng(0).permutation(data.unlabeled_truth)
     assert not np.array_equal(shuffled, data.unlabeled_truth)
     train(cfg, tmp_path / "true", progress=False, data=data)
-    train(
-        cfg, tmp_path / "shuffled", progress=False, data=dataclasses.replace(data, unlabeled_truth=shuffled)
-    )
+    train(cfg, tmp_path / "shuffled", progress=False, data=dataclasses.replace(data, unlabeled_truth=shuffled))
 
     moved = set()
     for a, b in zip(trajectory(tmp_path / "true"), trajectory(tmp_path / "shuffled"), strict=True):

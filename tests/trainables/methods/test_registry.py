@@ -15,6 +15,7 @@ from trainables.config import (
 from trainables.losses import fixmatch_mask, unlabeled_ce
 from trainables.methods import EXTENSION, LABELED_LOSS, PSEUDO_LABEL, UNLABELED_WEIGHTING, build_method
 from trainables.methods.abc import AuxiliaryBalancedClassifier
+from trainables.methods.acr import AdaptiveConsistency
 from trainables.methods.base import MethodContext, StepView
 from trainables.methods.crest import CrestGenerations, ProgressiveAlignment
 from trainables.methods.darp import DarpRefinement
@@ -43,6 +44,7 @@ EXPECTED_TYPES = {
     "darp": DarpRefinement,
     "abc": AuxiliaryBalancedClassifier,
     "crest": CrestGenerations,
+    "acr": AdaptiveConsistency,
     "dist_align": ProgressiveAlignment,
 }
 
@@ -63,6 +65,8 @@ def method_config(preset: str) -> MethodConfig:
         raw["crest"] = {"generations": 2}
     if pseudo == "dist_align":
         raw["da"] = {"queue": 3}
+    if extension == "acr":  # epochs of 2 steps, estimating from step 2: tau_1 adapts at steps 4, 6, 8
+        raw["acr"] = {"epoch": 2, "est_epoch": 0}
     return MethodConfig.model_validate(raw)
 
 
@@ -79,7 +83,8 @@ def loop_steps(method, generator: torch.Generator, steps) -> list[torch.Tensor]:
         feat_w, feat_s, logits_s = torch.randn(U, D, **kw), torch.randn(U, D, **kw), torch.randn(U, C, **kw)
         feat_lb_ema = torch.randn(B, D, **kw) if method.pseudo_label.needs_ema_labeled_features else None
         idx_ulb = torch.randint(0, CTX.unlabeled_size, (U,), **kw)
-        feats = torch.randn(B + 2 * U, D, **kw)
+        rows = B + (1 + method.extension.strong_views) * U
+        feats, logits = torch.randn(rows, D, **kw), torch.randn(rows, C, **kw)
         if method.extension.wants_pass(step):
             y_val = torch.arange(C, **kw).repeat(3)
             probs_val = (3 * torch.randn(len(y_val), C, **kw)).softmax(dim=1)
@@ -90,8 +95,11 @@ def loop_steps(method, generator: torch.Generator, steps) -> list[torch.Tensor]:
         mask, yhat = fixmatch_mask(method.extension.refine(out.probs, idx_ulb, step), 0.5)
         weights = method.unlabeled_weighting.class_weights(step)
         heads = {name: head.to(feats.device)(feats) for name, head in method.extension.heads.items()}
-        ext = method.extension.loss(StepView(feats, heads, y_lb, B, out, step))
-        loss = method.labeled_loss(logits_lb, y_lb) + unlabeled_ce(logits_s, yhat, mask, weights) + out.loss + ext.loss
+        ext = method.extension.loss(StepView(feats, heads, y_lb, B, out, step, logits))
+        loss_u = unlabeled_ce(logits_s, yhat, mask, weights)
+        if ext.unlabeled is not None:
+            loss_u, yhat, mask = ext.unlabeled
+        loss = method.labeled_loss(logits_lb, y_lb) + loss_u + out.loss + ext.loss
         method.pseudo_label.observe(out.probs.argmax(dim=1), step)
         method.unlabeled_weighting.observe(yhat, mask, step)
         losses.append(loss.detach())
