@@ -63,6 +63,22 @@ CLAIMS = [
         "test/balanced_acc",
         [("fixmatch", "fixmatch_la"), ("fixmatch_daso", "fixmatch_la_daso"), ("fixmatch_drw", "fixmatch_la_drw")],
     ),
+    # the baselines' own claims (DARP, CReST, ABC, ACR papers) and DASO's on top of ABC
+    (
+        "DARP raises balanced accuracy",
+        "test/balanced_acc",
+        [("fixmatch", "fixmatch_darp"), ("fixmatch_la", "fixmatch_la_darp")],
+    ),
+    ("CReST raises balanced accuracy", "test/balanced_acc", [("fixmatch", "fixmatch_crest")]),
+    ("CReST+ raises it further", "test/balanced_acc", [("fixmatch_crest", "fixmatch_crest_plus")]),
+    ("ABC raises balanced accuracy", "test/balanced_acc", [("fixmatch", "fixmatch_abc")]),
+    ("DASO raises ABC's balanced accuracy", "test/balanced_acc", [("fixmatch_abc", "fixmatch_abc_daso")]),
+    (
+        "ACR raises balanced accuracy",
+        "test/balanced_acc",
+        [("fixmatch", "fixmatch_acr"), ("fixmatch_daso", "fixmatch_acr")],
+    ),
+    ("... and tail recall", "test/recall_tail", [("fixmatch", "fixmatch_acr")]),
 ]
 
 
