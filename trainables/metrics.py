@@ -6,6 +6,9 @@ C - 1): `c00..c09` (C=10), `c00..c99` (C=100), `c000..c199` (C=200). All values 
 Training (`train/`, one value per logging interval):
     train/loss, train/loss_x, train/loss_u      total loss, labeled loss L_s and unlabeled loss L_u
     train/loss_align                            DASO's semantic alignment loss (DASO presets only)
+    train/loss_abc, train/abc_mask_ratio        ABC's loss and its unlabeled Bernoulli-and-confidence keep rate
+    train/da_t                                  CReST+'s alignment temperature
+    train/loss_x_acr, train/loss_u_acr          ACR's balanced-head losses; train/acr_tau1 its adaptive tau_1
     train/lr, train/it_per_s                    learning rate; iterations per second over the interval
     train/mask_ratio                            fraction of unlabeled samples whose pseudo-label is confident
 
@@ -19,12 +22,14 @@ Evaluation (`val/`, `test/`, one value per evaluation; `classification_metrics`)
     val/top1_la, val/balanced_acc_la            after post-hoc logit adjustment (logits - tau log pi)
 
 Pseudo-labels over a window of unlabeled samples (`pseudo_label_metrics`); prefixes `pl` (the final
-pseudo-label used by the loss), `pl_linear` and `pl_semantic` (DASO's two ingredients):
+pseudo-label used by the loss), `pl_linear` and `pl_semantic` (DASO's two ingredients), `pl_abc` and `pl_acr`
+(ABC's and ACR's balanced heads, over every unlabeled sample):
     {p}/count/cNN, {p}/imbalance_ratio, {p}/mask_ratio
     {p}/recall/cNN, {p}/precision/cNN, {p}/recall_head|tail, {p}/precision_head|tail  (with ground truth)
 
 Method state (`per_class`): daso/v/cNN (DASO's blending weight v_k), drw/w_u/cNN (DRw's unlabeled class
-weights).
+weights), darp/refined/cNN and darp/target/cNN (DARP's refined hard labels over U and its target counts),
+crest/labeled/cNN (CReST's current labeled set), acr/u_py/cNN (ACR's estimated unlabeled distribution).
 """
 
 from __future__ import annotations
