@@ -150,13 +150,17 @@ def pseudo_label_quality(client: Any, trial: Trial, names: list[str], folder: Pa
 
     count = len(names)
     prefixes = [
-        p for p in ("pl_linear", "pl_semantic", "pl") if any(k.startswith(f"{p}/recall/") for k in trial.metrics)
+        p
+        for p in ("pl_linear", "pl_semantic", "pl_abc", "pl_acr", "pl")
+        if any(k.startswith(f"{p}/recall/") for k in trial.metrics)
     ]
     if not prefixes or count == 0:
         return []
     titles = {
         "pl_linear": "linear classifier",
         "pl_semantic": "semantic (prototypes)",
+        "pl_abc": "ABC's balanced head",
+        "pl_acr": "ACR's balanced head",
         "pl": "final (used by the loss)",
     }
     fig, axes = plt.subplots(
