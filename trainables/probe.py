@@ -22,7 +22,8 @@ from trainables.loop import Run, resolve_runtime
 
 
 def probe_config(run: dict[str, Any] | RunConfig, steps: int) -> RunConfig:
-    """`run` on CUDA for `steps` iterations, DASO's semantic pseudo-label and DRw's pass active from step 0."""
+    """`run` on CUDA for `steps` iterations, DASO's semantic pseudo-label, DRw's pass, DARP's refinement and ACR's
+    estimate active from step 0, CReST in one generation."""
     cfg = run if isinstance(run, RunConfig) else RunConfig.model_validate(run)
     dump = cfg.model_dump()
     dump["train"].update(device="cuda", iterations=max(steps, 1))
@@ -30,6 +31,12 @@ def probe_config(run: dict[str, Any] | RunConfig, steps: int) -> RunConfig:
         dump["method"]["daso"]["warmup"] = 0
     if dump["method"].get("drw"):
         dump["method"]["drw"]["start"] = 0
+    if dump["method"].get("darp"):  # refined labels (and an estimate's pass) from the first step
+        dump["method"]["darp"].update(warmup=0.0, every=1)
+    if dump["method"].get("acr"):  # the distribution estimate from the first step
+        dump["method"]["acr"].update(epoch=1, est_epoch=0)
+    if dump["method"].get("crest"):  # one generation: a new one rebuilds the same model on a larger labeled set
+        dump["method"]["crest"]["generations"] = 1
     return RunConfig.model_validate(dump)
 
 

@@ -132,6 +132,23 @@ def test_probe_configuration_turns_every_component_on(write_space, tmp_path):
     assert probe_config(packing.heaviest_runs(plan)["fixmatch"], 3).method.daso is None
 
 
+@pytest.mark.parametrize("preset", ["fixmatch_darp", "fixmatch_acr", "fixmatch_crest_plus"])
+def test_probe_configuration_of_the_baselines_is_valid_and_active(preset):
+    """3 iterations of a 5-generation CReST would not validate: the probe runs one generation; DARP refines and ACR
+    estimates from the first step."""
+    from trainables.probe import probe_config
+
+    cfg = probe_config({"method": {"preset": preset}}, steps=3)
+    assert cfg.train.iterations == 3
+    m = cfg.method
+    if m.darp is not None:
+        assert (m.darp.warmup, m.darp.every) == (0.0, 1)
+    if m.acr is not None:
+        assert (m.acr.epoch, m.acr.est_epoch) == (1, 0)
+    if m.crest is not None:
+        assert m.crest.generations == 1
+
+
 def test_probe_refuses_without_cuda():
     from trainables.probe import peak_memory
 
