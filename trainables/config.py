@@ -384,7 +384,8 @@ class DarpConfig(Frozen):
         "auto",
         description="target distribution over the unlabeled set: the labeled class proportions (labeled), a "
         "black-box shift estimate from the EMA model's confusion on the validation split at the warm-up's end "
-        "(estimate), per-class proportions (a list), or auto: labeled when gamma_u equals gamma_l, else estimate",
+        "(estimate), per-class proportions (a list), or auto: labeled when gamma_u equals gamma_l, else (and on "
+        "STL-10 and image folders, whose unlabeled distribution is unknown) estimate",
     )
 
     @field_validator("target")

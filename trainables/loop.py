@@ -276,10 +276,12 @@ class Run:
             mask, pseudo_label = fixmatch_mask(probs, t.tau)
             weights = method.unlabeled_weighting.class_weights(step)
             loss_u = unlabeled_ce(logits_x_ulb_s, pseudo_label, mask, weights)
-        else:  # the extension's own consistency term (ACR)
+            weighted_u = t.lambda_u * loss_u
+        else:  # the extension's own consistency term (ACR), weighted as the extension says (lambda_u is FixMatch's)
             loss_u, pseudo_label, mask = ext.unlabeled
+            weighted_u = loss_u
         loss_x = method.labeled_loss(logits_x_lb, y_lb)
-        loss = loss_x + t.lambda_u * loss_u + pl.loss + ext.loss
+        loss = loss_x + weighted_u + pl.loss + ext.loss
 
         self._sgd_step(loss)
 

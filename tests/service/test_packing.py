@@ -141,12 +141,12 @@ def test_probe_configuration_of_the_baselines_is_valid_and_active(preset):
     cfg = probe_config({"method": {"preset": preset}}, steps=3)
     assert cfg.train.iterations == 3
     m = cfg.method
-    if m.darp is not None:
-        assert (m.darp.warmup, m.darp.every) == (0.0, 1)
-    if m.acr is not None:
-        assert (m.acr.epoch, m.acr.est_epoch) == (1, 0)
-    if m.crest is not None:
-        assert m.crest.generations == 1
+    active = {
+        "fixmatch_darp": lambda: (m.darp.warmup, m.darp.every) == (0.0, 1),
+        "fixmatch_acr": lambda: (m.acr.epoch, m.acr.est_epoch) == (1, 0),
+        "fixmatch_crest_plus": lambda: m.crest.generations == 1,
+    }
+    assert active[preset]()
 
 
 def test_probe_refuses_without_cuda():

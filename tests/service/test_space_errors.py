@@ -70,7 +70,12 @@ CASES = [
     (
         "method parameter no preset of the sweep has",
         "space:\n  method.daso.t_dist: {type: uniform, low: 0.3, high: 2.0}",
-        ["space.method.daso.t_dist", "applies to no trial", "fixmatch_drw", "presets that do: fixmatch_abc_daso, fixmatch_daso,"],
+        [
+            "space.method.daso.t_dist",
+            "applies to no trial",
+            "fixmatch_drw",
+            "presets that do: fixmatch_abc_daso, fixmatch_daso,",
+        ],
     ),
     (
         "conditional presets outside the sweep",

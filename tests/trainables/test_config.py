@@ -27,6 +27,9 @@ def test_every_preset_gets_exactly_its_blocks(preset):
     assert (m.drw is not None) == (labeled == "class_balanced" or unlabeled == "drw")
     assert (m.darp is not None) == (extension == "darp")
     assert (m.abc is not None) == (extension == "abc")
+    assert (m.crest is not None) == (extension == "crest")
+    assert (m.acr is not None) == (extension == "acr")
+    assert (m.da is not None) == (pseudo == "dist_align")
 
 
 def test_darp_target_is_checked_against_the_classes():

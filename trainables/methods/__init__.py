@@ -67,11 +67,13 @@ def dynamic_reweighting(cfg: DrwConfig, ctx: MethodContext) -> DynamicReweightin
 
 
 def darp(cfg: DarpConfig, ctx: MethodContext) -> DarpRefinement:
-    """The target: the labeled proportions (`labeled`, or `auto` with gamma_u == gamma_l), the given shares, or
-    None (`estimate`, or `auto` otherwise) for the pass at the warm-up's end to estimate."""
+    """The target: the labeled proportions (`labeled`, or `auto` with gamma_u == gamma_l on data whose unlabeled
+    imbalance is known), the given shares, or None (`estimate`, or `auto` otherwise: a mismatched, reversed or
+    unknown unlabeled distribution, as STL-10's and an image folder's) for the pass at the warm-up's end."""
     target = cfg.target
     if target == "auto":
-        target = "labeled" if ctx.gamma_u == ctx.gamma_l else "estimate"
+        known = ctx.dataset not in ("stl10", "imagefolder")  # their unlabeled sets are not drawn with gamma_u
+        target = "labeled" if known and ctx.gamma_u == ctx.gamma_l else "estimate"
     if isinstance(target, list):
         shares = torch.tensor(target, dtype=torch.float64)
     elif target == "labeled":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -81,7 +82,9 @@ class AuxiliaryBalancedClassifier(NoExtension):
         self.iterations, self.tau, self.weight, self.stairs = iterations, tau, weight, stairs
         self.heads = {"abc": linear_head(feature_dim, len(labeled_counts))}
         self.eval_head = "abc"
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        # a stream of its own, not the augmentations' (seeded from the same train.seed)
+        own_seed = int(np.random.SeedSequence([seed, 0xABC]).generate_state(1, np.uint64)[0]) & 0x7FFF_FFFF_FFFF_FFFF
+        self.generator = torch.Generator(device=self.device).manual_seed(own_seed)
 
     def loss(self, view: StepView) -> ExtensionOutput:
         b = view.batch

@@ -43,7 +43,8 @@ def secant(f, x0: Tensor, tol: float = 0.1, maxiter: int = 30) -> Tensor:
     """Roots of an elementwise function by the secant method, each entry stopping on its own; the steps of
     scipy.optimize.newton without a derivative (x1 = x0 (1 + 1e-4) +- 1e-4, stop when |x_{i+1} - x_i| <= tol,
     a flat secant returns the midpoint), where the reference calls it one class at a time. An entry that does not
-    converge in `maxiter` steps keeps its last iterate (scipy raises).
+    converge in `maxiter` steps keeps its last iterate, and a flat secant between two distinct points returns the
+    midpoint: in both cases scipy (and so the reference) raises.
 
     Shape: x0 (K,) float64 -> (K,).
     """
@@ -101,9 +102,12 @@ def refine_pseudo_labels(probs: Tensor, target: Tensor, rounds: int = 10) -> Ten
 
 
 def estimate_distribution(probs_val: Tensor, y_val: Tensor, probs_ulb: Tensor) -> Tensor:
-    """Black-box shift estimate of the unlabeled class distribution (the DARP reference's estimator): the
+    """Black-box shift estimate of the unlabeled class distribution (the DARP reference's formula): the
     validation confusion M_jk = mean predicted probability of j over class-k samples, the unlabeled predicted mass
     q~_j = sum_n p_nj, and q = M^-1 q~, clamped at 0 and normalised (a least-squares solve where M is singular).
+    The reference applies it to a separately trained supervised model, averages it over many evaluations and keeps
+    it only when no entry is negative and cond(M) < 100; here it is made once, from the semi-supervised EMA model at
+    the end of DARP's warm-up, and negative entries are clamped.
 
     Shape: probs_val (V, C), y_val (V,), probs_ulb (N, C) -> (C,) float64 summing to 1.
     """
@@ -170,6 +174,11 @@ class DarpRefinement(NoExtension):
         return self.target is None and step + 1 > self.warmup_steps
 
     def observe_pass(self, probs_ulb: Tensor, probs_val: Tensor, y_val: Tensor, step: int) -> None:
+        if len(y_val) == 0:
+            raise ValueError(
+                "method.darp.target 'estimate' needs a validation split and this data has none; give the target "
+                "as per-class shares or 'labeled'"
+            )
         self.target = estimate_distribution(probs_val, y_val, probs_ulb) * self.unlabeled_size
 
     def metrics(self) -> dict[str, Tensor]:

@@ -199,7 +199,9 @@ class DasoPseudoLabel:
         with torch.no_grad():
             probs = daso_blend(probs_w, q, v)
 
-        def blend(p: Tensor) -> Tensor:  # another head's distribution, blended with the same q and v (DASO + ABC)
+        def blend(p: Tensor) -> Tensor:
+            # another head's distribution (ABC's), blended with the same q and v; with the const_v ablation that v
+            # is the constant, where the reference's ABC branch keeps the distribution-aware weights
             return daso_blend(p, q, v)
 
         logs = {}

@@ -87,10 +87,13 @@ def test_abc_extension_masks_and_targets():
     kept = (float(out.logs["loss_abc"]) - float(expected_con)) * b / LN2  # labeled CE is ln 2 per kept row
     assert 200 + 30 < kept < 200 + 70
 
-    # DASO's transform is applied to the head's distribution before the threshold
+    # DASO's transform is applied to the head's distribution before the threshold: swapped classes flip row 0's
+    # prediction; a transform that sharpens row 1 to (0.1, 0.9) makes it confident in class 1
     flip = PseudoLabelOutput(None, None, transform=lambda q: q.flip(1))
-    out = abc.loss(dataclasses.replace(view, pseudo_label=flip))
-    assert out.diagnostics["pl_abc"].tolist() == [0, 0]
+    assert abc.loss(dataclasses.replace(view, pseudo_label=flip)).diagnostics["pl_abc"].tolist() == [0, 0]
+    sharpen = PseudoLabelOutput(None, None, transform=lambda q: torch.tensor([[0.02, 0.98], [0.1, 0.9]]))
+    out = abc.loss(dataclasses.replace(view, pseudo_label=sharpen))
+    assert out.diagnostics["pl_abc"].tolist() == [1, 1] and float(out.logs["abc_mask_ratio"]) == 1.0
 
 
 def test_abc_draws_replay_after_state_round_trip():

@@ -19,6 +19,7 @@ from tests.trainables.methods.test_methods_in_loop import (
 )
 from trainables.batches import GrownStore, ImageStore
 from trainables.config import ConfigError, RunConfig, load_config
+from trainables.evaluate import Window
 from trainables.loop import train
 from trainables.methods.crest import (
     EPS,
@@ -110,16 +111,16 @@ def crest_config(preset: str, generations: int) -> RunConfig:
     return RunConfig.model_validate(raw)
 
 
-@pytest.mark.parametrize("preset, generations", [("fixmatch_crest", 6), ("fixmatch_crest_plus", 3)])
+@pytest.mark.parametrize("preset, generations", [("fixmatch_crest", 4), ("fixmatch_crest_plus", 3)])
 def test_crest_presets_resume_bit_exactly(tmp_path, data, preset, generations):  # noqa: F811
-    """24 iterations: 6 generations of 4 (the step-8 checkpoint holds generation 2's selection, restored on resume,
-    and generation 3 starts right after it) or 3 of 8 (the checkpoint falls on the boundary: the selection happens
+    """24 iterations: 4 generations of 6 (the step-8 checkpoint is mid-generation 2: the resumed run trains on the
+    selection restored from the checkpoint) or 3 of 8 (the checkpoint falls on the boundary: the selection happens
     after resuming). The learning-rate schedule restarts each generation; the labeled set grows."""
     cfg = crest_config(preset, generations)
     assert_resume_equals_whole_run(cfg, tmp_path, data)
     rows = trajectory(tmp_path / "whole")
     labeled = [sum(row[f"crest/labeled/c{c:02d}"] for c in range(4)) for row in rows]
-    # the step-8 evaluation ends generation 1 of 3 (nothing added yet) or generation 2 of 6 (one selection made)
+    # the step-8 evaluation ends generation 1 of 3 (nothing added yet) or is inside generation 2 of 4 (one made)
     assert (labeled[0] == len(data.labeled.labels)) == (generations == 3)
     assert labeled[-1] > len(data.labeled.labels)
     if preset == "fixmatch_crest_plus":
@@ -136,6 +137,30 @@ def test_crest_restarts_the_model_and_schedule_each_generation(tmp_path, data): 
     from trainables.loop import lr_at
 
     assert [row["train/lr"] for row in trajectory(tmp_path)] == [lr_at(7, 8, cfg.optim)] * 3
+
+
+def test_a_new_generation_starts_from_a_fresh_model_on_the_grown_set(data):  # noqa: F811
+    """At the first step of generation 2 the model is a newly built one (the weights a fresh build_model gives
+    from the same generator state), the EMA and optimiser are new, and the labeled set holds the selection."""
+    from trainables.loop import Run, resolve_runtime
+    from trainables.models import build_model
+
+    cfg = crest_config("fixmatch_crest", 3)
+    run = Run(cfg, data, resolve_runtime(cfg))
+    window = Window()
+    for _ in range(8):
+        run.train_step(window)
+    old_model, old_optimizer = run.model, run.optimizer
+    state = torch.get_rng_state()
+    fresh = build_model(cfg.model, data.num_classes).state_dict()
+    torch.set_rng_state(state)
+    run._new_generation()
+    assert run.model is not old_model and run.optimizer is not old_optimizer and not run.optimizer.state
+    assert_same_tensors(run.model.state_dict(), fresh)
+    assert_same_tensors(run.ema.module.state_dict(), fresh)
+    picks, labels = run.method.extension.additions()
+    assert len(picks) > 0 and len(run.lb_store) == len(data.labeled.labels) + len(picks)
+    assert torch.equal(run.y_lb[len(data.labeled.labels) :], labels)
 
 
 def test_crest_never_reads_the_unlabeled_truth(tmp_path, data):  # noqa: F811

@@ -137,7 +137,7 @@ def test_refinement_schedule():
 
 def darp_config(preset: str, **darp) -> RunConfig:
     raw = tiny_config(preset).model_dump()
-    raw["method"] = {"preset": preset, "darp": {"warmup": 0.25, "every": 3, **darp}}
+    raw["method"] = {"preset": preset, "darp": {"warmup": 0.25, "every": 2, **darp}}
     return RunConfig.model_validate(raw)
 
 
@@ -146,8 +146,9 @@ def darp_config(preset: str, **darp) -> RunConfig:
     [("fixmatch_darp", {}), ("fixmatch_la_darp", {"target": "estimate"})],
 )
 def test_darp_presets_resume_bit_exactly(tmp_path, data, preset, darp):  # noqa: F811
-    """Stopped at the step-8 checkpoint (past the warm-up of 6, between solves) and resumed: the whole trajectory
-    and the final weights are those of the run never stopped; the estimate is made once and saved."""
+    """Stopped at the step-8 checkpoint (past the warm-up of int(24 x 0.25) = 6 calls; solves at calls 8, 10, ...:
+    step 8 is call 9, which trains on the refined rows restored from the checkpoint) and resumed: the whole
+    trajectory and the final weights are those of the run never stopped; the estimate is made once and saved."""
     assert_resume_equals_whole_run(darp_config(preset, **darp), tmp_path, data)
     last = trajectory(tmp_path / "whole")[-1]
     assert sum(last[f"darp/refined/c{c:02d}"] for c in range(4)) == len(data.unlabeled_images)
@@ -176,5 +177,11 @@ def test_darp_target_auto_follows_the_imbalance_of_the_unlabeled_set():
         build_method(cfg, ctx).extension.target, torch.tensor([60.0, 20.0, 10.0], dtype=torch.float64)
     )
     assert build_method(cfg, dataclasses.replace(ctx, gamma_u="reversed")).extension.target is None  # estimated
+    # STL-10's and an image folder's unlabeled sets are not drawn with gamma_u: estimated too, as the reference
+    assert build_method(cfg, dataclasses.replace(ctx, dataset="stl10")).extension.target is None
+    with pytest.raises(ValueError, match="needs a validation split"):
+        build_method(cfg, dataclasses.replace(ctx, dataset="imagefolder")).extension.observe_pass(
+            torch.full((90, 3), 1 / 3), torch.empty(0, 3), torch.empty(0, dtype=torch.int64), 0
+        )
     given = MethodConfig.model_validate({"preset": "fixmatch_darp", "darp": {"target": [1, 1, 1]}})
     torch.testing.assert_close(build_method(given, ctx).extension.target, torch.full((3,), 30.0, dtype=torch.float64))
