@@ -1,19 +1,16 @@
 """CReST's selection and CReST+'s progressive alignment on hand-computed tensors, the grown labeled store, and
 `fixmatch_crest` / `fixmatch_crest_plus` inside the real loop (generations, restarts, resume)."""
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch
 
 from tests.trainables.methods.test_methods_in_loop import (
-    TRUTH_PREFIXES,
     _restore_global_torch_settings,  # noqa: F401  (autouse fixture)
     assert_resume_equals_whole_run,
     assert_same_tensors,
+    assert_truth_never_reaches_training,
     data,  # noqa: F401  (fixture)
-    final_model,
     tiny_config,
     trajectory,
 )
@@ -165,11 +162,4 @@ def test_a_new_generation_starts_from_a_fresh_model_on_the_grown_set(data):  # n
 
 def test_crest_never_reads_the_unlabeled_truth(tmp_path, data):  # noqa: F811
     cfg = crest_config("fixmatch_crest_plus", 3)
-    shuffled = np.random.default_rng(0).permutation(data.unlabeled_truth)
-    train(cfg, tmp_path / "true", progress=False, data=data)
-    train(cfg, tmp_path / "shuffled", progress=False, data=dataclasses.replace(data, unlabeled_truth=shuffled))
-    moved = set()
-    for a, b in zip(trajectory(tmp_path / "true"), trajectory(tmp_path / "shuffled"), strict=True):
-        moved |= {k for k in a if a[k] != b[k]}
-    assert moved and all(k.startswith(TRUTH_PREFIXES) for k in moved), sorted(moved)
-    assert_same_tensors(final_model(tmp_path / "true"), final_model(tmp_path / "shuffled"))
+    assert_truth_never_reaches_training(cfg, tmp_path, data)

@@ -145,7 +145,12 @@ def test_unlabeled_truth_never_reaches_training(tmp_path, data):
     """Shuffle the unlabeled ground truth (kept for pseudo-label metrics only): with DASO and DRw on, every
     training and evaluation number and the final weights stay bit-identical; only pl/ metrics may move,
     and some do, so the shuffle did reach the measurement."""
-    cfg = tiny_config("fixmatch_daso_drw", daso={}, drw={})
+    assert_truth_never_reaches_training(tiny_config("fixmatch_daso_drw", daso={}, drw={}), tmp_path, data)
+
+
+def assert_truth_never_reaches_training(cfg: RunConfig, tmp_path, data, diagnostics: tuple[str, ...] = ()) -> None:
+    """`cfg` trained with the true and with shuffled unlabeled ground truth: the same weights and the same numbers,
+    except pseudo-label quality (pl/, DASO's sources and the `diagnostics` prefixes), some of which move."""
     shuffled = np.random.default_rng(0).permutation(data.unlabeled_truth)
     assert not np.array_equal(shuffled, data.unlabeled_truth)
     train(cfg, tmp_path / "true", progress=False, data=data)
@@ -155,5 +160,5 @@ def test_unlabeled_truth_never_reaches_training(tmp_path, data):
     for a, b in zip(trajectory(tmp_path / "true"), trajectory(tmp_path / "shuffled"), strict=True):
         assert a.keys() == b.keys()
         moved |= {k for k in a if a[k] != b[k]}
-    assert moved and all(k.startswith(TRUTH_PREFIXES) for k in moved), sorted(moved)
+    assert moved and all(k.startswith((*TRUTH_PREFIXES, *diagnostics)) for k in moved), sorted(moved)
     assert_same_tensors(final_model(tmp_path / "true"), final_model(tmp_path / "shuffled"))
