@@ -222,12 +222,13 @@ class Run:
         step, t, method = self.step, self.cfg.train, self.method
         if step > 0 and step % self.generation_length == 0:
             self._new_generation()
-        if method.unlabeled_weighting.wants_pass(step):
-            probs = predict_logits(self.ema_logits, self.ulb_store, self.prep, t.eval_batch_size).softmax(1)
-            mask, pseudo_label = fixmatch_mask(probs, t.tau)
-            method.unlabeled_weighting.observe_pass(pseudo_label.to(self.rt.device), mask.to(self.rt.device), step)
-        if method.extension.wants_pass(step):
+        weighting_pass, extension_pass = method.unlabeled_weighting.wants_pass(step), method.extension.wants_pass(step)
+        if weighting_pass or extension_pass:  # one EMA pass over U serves both
             probs_ulb = predict_logits(self.ema_logits, self.ulb_store, self.prep, t.eval_batch_size).softmax(1)
+        if weighting_pass:
+            mask, pseudo_label = fixmatch_mask(probs_ulb, t.tau)
+            method.unlabeled_weighting.observe_pass(pseudo_label.to(self.rt.device), mask.to(self.rt.device), step)
+        if extension_pass:
             probs_val = predict_logits(self.ema_logits, self.val_store, self.prep, t.eval_batch_size).softmax(1)
             y_val = torch.as_tensor(self.data.val.labels, dtype=torch.int64)
             method.extension.observe_pass(probs_ulb, probs_val, y_val, step)

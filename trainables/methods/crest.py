@@ -127,14 +127,13 @@ class ProgressiveAlignment:
 
 class CrestGenerations(NoExtension):
     """CReST's generations as an extension: `generations` for the loop, `new_generation` picks the samples that
-    join the labeled set. State: the current selection (indices into U and their labels) and the number of
-    generations started, saved with the run so that a resumed run rebuilds the same labeled set."""
+    join the labeled set. State: the current selection (indices into U and their labels), saved with the run so
+    that a resumed run rebuilds the same labeled set (the loop knows the generation from the step)."""
 
     def __init__(self, labeled_counts: Tensor, *, generations: int, alpha: float = 3.0) -> None:
         self.labeled_counts = labeled_counts.long().cpu()
         self.generations = generations
         self.rates = selection_rates(self.labeled_counts, alpha)
-        self.generation = 0  # selections made: the labeled set of generation g + 1 holds the g-th selection
         self.selected = torch.empty(0, dtype=torch.int64)
         self.selected_labels = torch.empty(0, dtype=torch.int64)
 
@@ -142,7 +141,6 @@ class CrestGenerations(NoExtension):
         """The EMA model's class probabilities over U (N_U, C) -> the samples (indices into U) and pseudo-labels
         that join the original labeled set for the next generation."""
         self.selected, self.selected_labels = select_confident(probs_ulb.cpu(), self.rates)
-        self.generation += 1
         return self.selected, self.selected_labels
 
     def additions(self) -> tuple[Tensor, Tensor]:
@@ -154,14 +152,9 @@ class CrestGenerations(NoExtension):
         return {"crest/labeled": grown.float()}
 
     def state_dict(self) -> dict:
-        return {
-            "generation": self.generation,
-            "selected": self.selected.clone(),
-            "labels": self.selected_labels.clone(),
-        }
+        return {"selected": self.selected.clone(), "labels": self.selected_labels.clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        if set(state) != {"generation", "selected", "labels"}:
-            raise ValueError(f"CReST state has keys {sorted(state)}, expected ['generation', 'labels', 'selected']")
-        self.generation = int(state["generation"])
+        if set(state) != {"selected", "labels"}:
+            raise ValueError(f"CReST state has keys {sorted(state)}, expected ['labels', 'selected']")
         self.selected, self.selected_labels = state["selected"].long().clone(), state["labels"].long().clone()
