@@ -123,6 +123,16 @@ def estimate_distribution(probs_val: Tensor, y_val: Tensor, probs_ulb: Tensor) -
     return q / q.sum()
 
 
+def last_occurrence_rows(rows: Tensor, idx: Tensor) -> Tensor:
+    """`rows` with each row replaced by that of the last position holding the same index: a batch that spans an
+    epoch boundary of the index stream can hold one sample twice, and `index_copy_` of distinct rows to one index
+    leaves an unspecified one on CUDA. With equal rows every device stores the last (the reference's CPU result),
+    without a host sync."""
+    same = idx[:, None] == idx[None, :]
+    positions = torch.arange(idx.numel(), device=idx.device)
+    return rows[torch.where(same, positions, -1).amax(1)]
+
+
 class DarpRefinement(NoExtension):
     """DARP as an extension. State (saved with the run): the latest weak-view distribution of every unlabeled
     sample (uniform until first seen), the refined labels of the last solve (uniform before it), and the target
@@ -160,7 +170,7 @@ class DarpRefinement(NoExtension):
 
     def refine(self, probs: Tensor, idx_ulb: Tensor, step: int) -> Tensor:
         idx = idx_ulb.to(self.device, non_blocking=True)
-        self.latest.index_copy_(0, idx, probs.detach().to(self.latest.dtype))
+        self.latest.index_copy_(0, idx, last_occurrence_rows(probs.detach(), idx).to(self.latest.dtype))
         calls = step + 1
         if calls <= self.warmup_steps:
             return probs

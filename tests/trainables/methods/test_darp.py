@@ -21,6 +21,7 @@ from trainables.methods.darp import (
     EPS,
     DarpRefinement,
     estimate_distribution,
+    last_occurrence_rows,
     refine_pseudo_labels,
     scale_by_confident_counts,
     secant,
@@ -130,6 +131,20 @@ def test_refinement_schedule():
     assert darp.solves == 1 and torch.equal(again, solved)
     assert torch.equal(darp.metrics()["darp/target"], torch.tensor([4.0, 2.0]))  # (2, 1) scaled to |U| = 6
     assert float(darp.metrics()["darp/refined"].sum()) == 6
+
+
+def test_a_sample_twice_in_one_batch_is_stored_from_its_last_position():
+    """Indices (3, 1, 3, 2): both rows for sample 3 become the third (its last position), so the write to `latest`
+    does not depend on which duplicate a device's `index_copy_` applies last."""
+    rows = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    idx = torch.tensor([3, 1, 3, 2])
+    expected = torch.tensor([[0.6, 0.4], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    assert torch.equal(last_occurrence_rows(rows, idx), expected)
+    assert torch.equal(last_occurrence_rows(rows, torch.tensor([0, 1, 2, 3])), rows)
+    darp = DarpRefinement(2, 4, torch.device("cpu"), iterations=10, target=None, warmup=0.5)
+    assert torch.equal(darp.refine(rows, idx, 0), rows)  # in the warm-up the batch trains on its own rows
+    assert torch.equal(darp.latest[3], torch.tensor([0.6, 0.4])) and torch.equal(darp.latest[1], rows[1])
+    assert torch.equal(darp.latest[0], torch.tensor([0.5, 0.5]))  # not seen yet: uniform
 
 
 def darp_config(preset: str, **darp) -> RunConfig:
