@@ -128,9 +128,8 @@ def last_occurrence_rows(rows: Tensor, idx: Tensor) -> Tensor:
     epoch boundary of the index stream can hold one sample twice, and `index_copy_` of distinct rows to one index
     leaves an unspecified one on CUDA. With equal rows every device stores the last (the reference's CPU result),
     without a host sync."""
-    same = idx[:, None] == idx[None, :]
     positions = torch.arange(idx.numel(), device=idx.device)
-    return rows[torch.where(same, positions, -1).amax(1)]
+    return rows[((idx[:, None] == idx[None, :]) * positions).amax(1)]  # a row's own position is always a match
 
 
 class DarpRefinement(NoExtension):
